@@ -1,0 +1,101 @@
+"""What multi-view inference needs from a detector: its stages, not only ``predict``.
+
+Paper-faithful keypoint and mask fusion runs the heads on the *same merged boxes* in every view, so a backend
+exposes::
+
+    batch = det.prepare(images, size=..., flip=...)    # resize + flip + normalise + pad, one view
+    feats = det.features(batch)                         # backbone (+FPN), once per view
+    dets  = det.detect(feats, batch)                    # per image, in view coordinates
+    kps   = det.keypoint_logits(feats, batch, boxes)    # [R, K, S, S] heatmap logits for given boxes
+    msk   = det.mask_probs(feats, batch, boxes, labels) # [R, M, M] soft masks for given boxes
+
+and ``predict`` composes them for one plain view, mapping back to original image coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from distill.models.config import ModelConfig
+from distill.structures import Detections
+from distill.transforms import ResizeFlip
+
+
+@dataclass
+class PreparedBatch:
+    """Images of one view, normalised and padded into one tensor."""
+
+    tensor: torch.Tensor  # [B, 3, H, W] padded
+    image_sizes: list[tuple[int, int]]  # (h, w) of each image inside the padding
+    transforms: list[ResizeFlip]  # original -> view, one per image
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """A detector distill can run views through, train and save."""
+
+    config: ModelConfig
+    device: torch.device
+
+    @property
+    def class_names(self) -> list[str]: ...
+
+    @property
+    def has_masks(self) -> bool: ...
+
+    @property
+    def has_keypoints(self) -> bool: ...
+
+    def keypoint_flip_indices(self) -> torch.Tensor | None: ...
+
+    def prepare(
+        self,
+        images: Sequence[torch.Tensor],
+        size: int | None = None,
+        flip: bool = False,
+        max_size: int | None = None,
+    ) -> PreparedBatch:
+        """Float RGB images ``[3, H, W]`` in [0, 1] -> one view (shorter side ``size``, longer capped)."""
+        ...
+
+    def features(self, batch: PreparedBatch) -> Any: ...
+
+    def detect(
+        self,
+        feats: Any,
+        batch: PreparedBatch,
+        *,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        max_detections: int | None = None,
+    ) -> list[Detections]:
+        """Boxes, scores and labels per image in *view* coordinates."""
+        ...
+
+    def keypoint_logits(
+        self, feats: Any, batch: PreparedBatch, boxes: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Heatmap logits ``[R, K, S, S]`` for the given view-coordinate boxes of each image."""
+        ...
+
+    def mask_probs(
+        self, feats: Any, batch: PreparedBatch, boxes: list[torch.Tensor], labels: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Soft masks ``[R, M, M]`` (probabilities of each box's own class) for the given boxes."""
+        ...
+
+    def predict(
+        self, images: Sequence[torch.Tensor], *, size: int | None = None, score_thresh: float | None = None
+    ) -> list[Detections]:
+        """One plain view; detections in original image coordinates."""
+        ...
+
+    def save(self, directory: str | Path, *, extra: dict | None = None) -> Path: ...

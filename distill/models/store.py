@@ -1,0 +1,156 @@
+"""Model directories: ``config.yaml`` (the architecture) + ``weights.pt`` (state dict) + ``meta.json``.
+
+Also the ways a model is initialised before training: ``scratch``, ``imagenet`` (torchvision weight enums,
+needs network access the first time) or a path (a model directory, a detector state dict, or a backbone
+classification checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.errors import ModelFileError
+from distill.io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from distill.models.config import ModelConfig
+from distill.models.torchvision import TorchvisionDetector, imagenet_weights
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "meta.json"
+
+_BACKENDS = {"torchvision": TorchvisionDetector}
+
+
+def list_backends() -> list[str]:
+    """Names of the registered detector backends."""
+    return sorted(_BACKENDS)
+
+
+def build_detector(config: ModelConfig, *, device: str | torch.device = "cpu", init: str = "scratch") -> Any:
+    """A new detector for ``config``; ``init`` is ``scratch``, ``imagenet`` or a path to weights."""
+    cls = _BACKENDS.get(config.backend)
+    if cls is None:
+        raise ModelFileError(f"unknown backend {config.backend!r}; known: {', '.join(list_backends())}")
+    if init == "scratch":
+        return cls(config, device=device)
+    if init == "imagenet":
+        try:
+            return cls(config, device=device, backbone_weights=imagenet_weights(config.backbone))
+        except OSError as exc:  # URLError is an OSError
+            raise ModelFileError(
+                f"could not download ImageNet weights for {config.backbone} ({exc}); offline? "
+                "pass --init PATH with a local state-dict file instead"
+            ) from None
+    detector = cls(config, device=device)
+    load_init_weights(detector, init)
+    return detector
+
+
+def save_model(detector: TorchvisionDetector, directory: str | Path, *, extra: dict | None = None) -> Path:
+    """Write a model directory atomically file by file; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in detector.model.state_dict().items()}, buffer)
+    data = buffer.getvalue()
+    write_bytes_atomic(directory / WEIGHTS_FILE, data)
+    write_text_atomic(directory / CONFIG_FILE, detector.config.to_yaml())
+    meta = {"backend": detector.config.backend, "weights_sha256": hashlib.sha256(data).hexdigest()}
+    meta.update(extra or {})
+    write_json_atomic(directory / META_FILE, meta, indent=2)
+    return directory
+
+
+def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> TorchvisionDetector:
+    """Rebuild a detector from a model directory written by :func:`save_model`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelFileError(
+            f"{directory}: not a model directory (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
+    config = ModelConfig.from_yaml_file(directory / CONFIG_FILE)
+    cls = _BACKENDS.get(config.backend)
+    if cls is None:
+        raise ModelFileError(f"{directory / CONFIG_FILE}: unknown backend {config.backend!r}")
+    detector = cls(config, device=device)
+    state = read_state_dict(directory / WEIGHTS_FILE)
+    _load_exact(detector.model, state, directory / WEIGHTS_FILE)
+    return detector
+
+
+def read_meta(directory: str | Path) -> dict:
+    """The ``meta.json`` of a model directory ({} if absent)."""
+    path = Path(directory) / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.pt``/``.pth`` file, unwrapping ``{"model": ...}`` / ``{"state_dict": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
+        raise ModelFileError(
+            f"{path}: cannot read weights ({type(exc).__name__}: {exc}); truncated or not a PyTorch file?"
+        ) from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    return obj
+
+
+def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if mismatched:
+            k = mismatched[0]
+            details.append(
+                f"{len(mismatched)} with another shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                f"model {tuple(own[k].shape)})"
+            )
+        raise ModelFileError(
+            f"{source}: weights do not match the config: {'; '.join(details)}; "
+            "was it saved with another config?"
+        )
+    module.load_state_dict(state)
+
+
+def load_init_weights(detector: TorchvisionDetector, path: str | Path) -> dict[str, int]:
+    """Initialise from a model dir, a detector state dict or a backbone checkpoint (partial load).
+
+    Tensors whose name and shape match are copied; a backbone classification checkpoint (``conv1.weight``,
+    ``layer1...``) is mapped onto ``backbone.body``. Returns counts; raises if nothing matched.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    state = read_state_dict(path)
+    own = detector.model.state_dict()
+    if not any(k in own for k in state) and any(f"backbone.body.{k}" in own for k in state):
+        state = {f"backbone.body.{k}": v for k, v in state.items()}
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ModelFileError(
+            f"{path}: no tensor matches this model by name and shape; is it for backbone "
+            f"{detector.config.backbone!r}?"
+        )
+    detector.model.load_state_dict(usable, strict=False)
+    return {"loaded": len(usable), "skipped": len(state) - len(usable), "model_tensors": len(own)}

@@ -1,0 +1,78 @@
+"""Named model + training recipes (YAML-shaped dicts), e.g. the one tuned for the embedded benchmark.
+
+A recipe has two sections, ``model`` (:class:`~distill.models.config.ModelConfig` fields other than the label
+space, which comes from the training data's categories) and ``train``
+(:class:`~distill.train.loop.TrainConfig`).
+``distill train --config FILE.yaml`` reads the same shape.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import InputError
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Small R-CNN for the ~256 px synthetic benchmark on a 2-core CPU: ResNet-18 FPN from scratch with
+    # trainable BatchNorm, anchors one octave smaller than COCO's, light mask/keypoint heads.
+    "synth": {
+        "model": {
+            "backbone": "resnet18",
+            "norm": "bn",
+            "masks": True,
+            "fpn_channels": 64,
+            "anchor_sizes": [16, 32, 64, 128, 256],
+            "test_size": 256,
+            "max_size": 512,
+            "train_sizes": [208, 224, 240, 256, 272],
+            "box_head_dim": 256,
+            "mask_head_layers": [64, 64],
+            "keypoint_head_layers": [64, 64, 64, 64],
+            "box_batch_size_per_image": 64,
+            "rpn_pre_nms_top_n_train": 600,
+            "rpn_post_nms_top_n_train": 300,
+            "rpn_pre_nms_top_n_test": 600,
+            "rpn_post_nms_top_n_test": 300,
+        },
+        "train": {
+            "iterations": 400,
+            "batch_size": 4,
+            "base_lr": 0.02,
+            "warmup_iters": 50,
+            "schedule": "cosine",
+            "clip_grad_norm": 5.0,
+            "checkpoint_period": 100,
+        },
+    },
+    # torchvision's COCO defaults (ResNet-50 FPN, 800 px): for real data, usually with --init imagenet/PATH.
+    "coco": {
+        "model": {"backbone": "resnet50", "norm": "frozen_bn"},
+        "train": {"iterations": 90000, "batch_size": 2},
+    },
+}
+
+
+def load_recipe(name_or_path: str | None) -> dict[str, Any]:
+    """A recipe by name (see ``RECIPES``) or from a YAML file with ``model:`` and/or ``train:`` sections."""
+    if name_or_path is None:
+        return {"model": {}, "train": {}}
+    if name_or_path in RECIPES:
+        return copy.deepcopy(RECIPES[name_or_path])
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise InputError(
+            f"{name_or_path}: no such config file or recipe (recipes: {', '.join(sorted(RECIPES))})"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict) or set(raw) - {"model", "train"}:
+        raise InputError(
+            f"{path}: expected a mapping with 'model' and/or 'train' sections, got keys {list(raw)}"
+        )
+    return {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}

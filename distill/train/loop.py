@@ -1,0 +1,265 @@
+"""The training loop: SGD + warmup + step/cosine schedule, gradient clipping, AMP on GPU, checkpoint + resume.
+
+The loop is iteration-based and deterministic from ``TrainConfig.seed``: the batch of iteration ``i`` and its
+flips depend only on (seed, i), and the checkpoint carries model, optimizer, scheduler and RNG state, so an
+interrupted run resumed from its checkpoint continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from distill.errors import TrainingError
+from distill.io import write_bytes_atomic
+from distill.train.data import Target, hflip
+from distill.train.samplers import ShuffledBatchSampler
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainConfig(BaseModel):
+    """How to train (not what: that is the :class:`~distill.models.config.ModelConfig`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(1000, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    batch_size: int = Field(4, ge=1)
+    base_lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iters: int = Field(100, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1)
+    schedule: Literal["step", "cosine"] = "cosine"
+    steps: list[float] = Field(
+        default_factory=lambda: [0.67, 0.89], description="step schedule, as fractions"
+    )
+    gamma: float = Field(0.1, gt=0, le=1)
+    clip_grad_norm: float | None = Field(10.0, gt=0)
+    amp: bool | Literal["auto"] = "auto"
+    seed: int = 0
+    hflip_prob: float = Field(0.5, ge=0, le=1)
+    checkpoint_period: int = Field(200, ge=1)
+    log_period: int = Field(20, ge=1)
+    keep_empty_images: bool = True
+
+
+@dataclass
+class TrainProgress:
+    """What the loop reports after each iteration."""
+
+    iteration: int  # iterations done so far (1-based after the first step)
+    total: int
+    losses: dict[str, float]
+    lr: float
+    iters_per_second: float
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    resumed_from: int
+    final_losses: dict[str, float]
+    first_losses: dict[str, float]
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class BatchSampler(Protocol):
+    def batches(self, start_iteration: int = 0) -> object: ...
+
+
+class TrainableDetector(Protocol):
+    device: torch.device
+
+    def losses(self, images: list[torch.Tensor], targets: list[Target]) -> dict[str, torch.Tensor]: ...
+
+    def keypoint_flip_indices(self) -> torch.Tensor | None: ...
+
+    def train(self, mode: bool = True) -> object: ...
+
+    def parameters(self) -> object: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> object: ...
+
+
+def lr_factor(iteration: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``base_lr`` at ``iteration`` (0-based): linear warmup, then step or cosine decay."""
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        warm = cfg.warmup_factor * (1 - alpha) + alpha
+    else:
+        warm = 1.0
+    if cfg.schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * iteration / cfg.iterations))
+    else:
+        decay = cfg.gamma ** sum(iteration >= int(s * cfg.iterations) for s in cfg.steps)
+    return warm * decay
+
+
+def train_detector(
+    detector: TrainableDetector,
+    dataset: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    sampler: BatchSampler | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train ``detector`` in place; resumes from ``out_dir/checkpoint.pt`` when present.
+
+    ``sampler`` yields lists of dataset indices (default: shuffled epochs). ``should_stop`` is polled every
+    iteration; when it returns true a checkpoint is written and :class:`TrainingError` is not raised — the
+    result then has ``iterations < cfg.iterations``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = detector.device
+    sampler = sampler or ShuffledBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
+    use_amp = device.type == "cuda" if cfg.amp == "auto" else bool(cfg.amp and device.type == "cuda")
+    params = [p for p in detector.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    flip_indices = detector.keypoint_flip_indices()
+    flip_list = None if flip_indices is None else flip_indices.tolist()
+
+    start = _resume(out_dir / CHECKPOINT_FILE, detector, optimizer, scheduler, scaler, cfg)
+    if start == 0:
+        torch.manual_seed(cfg.seed)
+        (out_dir / LOG_FILE).unlink(missing_ok=True)
+    detector.train()
+    history: list[dict[str, float]] = []
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    began = time.perf_counter()
+    window_start, window_iters = began, 0
+    iteration = start
+    batches = iter(sampler.batches(start))
+    while iteration < cfg.iterations:
+        if should_stop is not None and should_stop():
+            break
+        images, targets = _load_batch(dataset, next(batches), cfg, iteration, flip_list, device)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss_dict = detector.losses(images, targets)
+        loss = sum(loss_dict.values())
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {float(loss)} at iteration {iteration + 1} ({_fmt(values)}); lower base_lr "
+                f"(now {cfg.base_lr}) or set clip_grad_norm (now {cfg.clip_grad_norm}); the last good "
+                f"checkpoint is {out_dir / CHECKPOINT_FILE}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        iteration += 1
+        values["total"] = float(loss.detach())
+        first = first or values
+        last = values
+        window_iters += 1
+        now = time.perf_counter()
+        speed = window_iters / max(now - window_start, 1e-9)
+        if iteration % cfg.log_period == 0 or iteration == cfg.iterations:
+            record = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"], **values}
+            history.append(record)
+            with open(out_dir / LOG_FILE, "a") as log:
+                log.write(json.dumps(record) + "\n")
+            window_start, window_iters = now, 0
+        if progress is not None:
+            progress(TrainProgress(iteration, cfg.iterations, values, optimizer.param_groups[0]["lr"], speed))
+        if iteration % cfg.checkpoint_period == 0 or iteration == cfg.iterations:
+            _save_checkpoint(
+                out_dir / CHECKPOINT_FILE, detector, optimizer, scheduler, scaler, iteration, cfg
+            )
+    if should_stop is not None and iteration < cfg.iterations:
+        _save_checkpoint(out_dir / CHECKPOINT_FILE, detector, optimizer, scheduler, scaler, iteration, cfg)
+    detector.eval()
+    return TrainResult(iteration, start, last, first, time.perf_counter() - began, history)
+
+
+def _load_batch(
+    dataset: torch.utils.data.Dataset,
+    indices: list[int],
+    cfg: TrainConfig,
+    iteration: int,
+    flip_indices: list[int] | None,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[Target]]:
+    generator = torch.Generator().manual_seed(cfg.seed * 7_919 + iteration)
+    flips = (torch.rand(len(indices), generator=generator) < cfg.hflip_prob).tolist()
+    images, targets = [], []
+    for index, flip in zip(indices, flips, strict=True):
+        image, target = dataset[index]
+        if flip:
+            image, target = hflip(image, target, flip_indices)
+        images.append(image.to(device))
+        targets.append({k: v.to(device) for k, v in target.items()})
+    return images, targets
+
+
+def _save_checkpoint(path, detector, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig) -> None:
+    state = {
+        "iteration": iteration,
+        "train_config": cfg.model_dump(mode="json"),
+        "model": detector.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def _resume(path: Path, detector, optimizer, scheduler, scaler, cfg: TrainConfig) -> int:
+    if not path.exists():
+        return 0
+    try:
+        state = torch.load(path, map_location=detector.device, weights_only=False)
+    except Exception as exc:
+        raise TrainingError(f"{path}: cannot read checkpoint ({exc}); delete it to start over") from None
+    saved = state.get("train_config", {})
+    if saved != cfg.model_dump(mode="json"):
+        changed = sorted(
+            k for k in set(saved) | set(cfg.model_dump()) if saved.get(k) != cfg.model_dump().get(k)
+        )
+        raise TrainingError(
+            f"{path}: checkpoint was written with another training config (differs in {changed}); "
+            "use a new output directory or delete the checkpoint"
+        )
+    detector.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return int(state["iteration"])
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items())

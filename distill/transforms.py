@@ -1,0 +1,81 @@
+"""Geometric transforms that carry their own inverse.
+
+A view of an image is "flip horizontally (optional), then resize by (sx, sy)". Predictions made in the view
+are mapped back with :meth:`ResizeFlip.inverse_boxes` / :meth:`ResizeFlip.inverse_keypoints`. Coordinates are
+continuous pixels, so a horizontal flip maps ``x -> W - x`` (and a box ``[x1, x2] -> [W - x2, W - x1]``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def resized_shape(height: int, width: int, size: int, max_size: int) -> tuple[int, int]:
+    """The (h, w) torchvision gives an image whose shorter side is resized to ``size`` (longer side capped).
+
+    Mirrors ``torch.nn.functional.interpolate(scale_factor=s, recompute_scale_factor=True)``: floor(dim * s).
+    """
+    scale = min(size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
+
+
+@dataclass(frozen=True)
+class ResizeFlip:
+    """Flip (optional) then resize from ``(height, width)`` to ``(out_height, out_width)``."""
+
+    height: int
+    width: int
+    out_height: int
+    out_width: int
+    flip: bool = False
+
+    def _inverse_ratios(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # float32 (original / view) ratios, computed exactly as torchvision's postprocess does
+        def ratio(orig: int, new: int) -> torch.Tensor:
+            return torch.tensor(orig, dtype=torch.float32, device=like.device) / torch.tensor(
+                new, dtype=torch.float32, device=like.device
+            )
+
+        return ratio(self.width, self.out_width), ratio(self.height, self.out_height)
+
+    def apply_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Original-image XYXY boxes ``[N, 4]`` -> view coordinates."""
+        rx, ry = self._inverse_ratios(boxes)
+        out = boxes.clone()
+        if self.flip:
+            out[:, 0] = self.width - boxes[:, 2]
+            out[:, 2] = self.width - boxes[:, 0]
+        out[:, 0::2] /= rx
+        out[:, 1::2] /= ry
+        return out
+
+    def inverse_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """View XYXY boxes ``[N, 4]`` -> original-image coordinates."""
+        rx, ry = self._inverse_ratios(boxes)
+        out = boxes.clone()
+        out[:, 0::2] *= rx
+        out[:, 1::2] *= ry
+        if self.flip:
+            x1 = self.width - out[:, 2]
+            x2 = self.width - out[:, 0]
+            out[:, 0] = x1
+            out[:, 2] = x2
+        return out
+
+    def inverse_keypoints(self, keypoints: torch.Tensor, flip_indices: torch.Tensor | None) -> torch.Tensor:
+        """View keypoints ``[N, K, 3]`` -> original coordinates; a flipped view also swaps left/right.
+
+        ``flip_indices[k]`` is the keypoint that ``k`` becomes under a horizontal flip.
+        """
+        rx, ry = self._inverse_ratios(keypoints)
+        out = keypoints.clone()
+        out[..., 0] *= rx
+        out[..., 1] *= ry
+        if self.flip:
+            out[..., 0] = self.width - out[..., 0]
+            if flip_indices is not None:
+                out = out[:, flip_indices]
+        return out

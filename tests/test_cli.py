@@ -1,0 +1,120 @@
+"""The ``distill`` command as a user runs it: a real subprocess, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_MODEL
+
+COMMANDS = ["synth", "train", "predict", "evaluate", "demo"]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.cli", *args], capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"distill {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def test_help_on_every_command() -> None:
+    top = run("--help")
+    for command in COMMANDS:
+        assert command in top.stdout
+        assert "Usage:" in run(command, "--help").stdout
+
+
+def test_bad_input_exits_2_with_one_line_reason(tmp_path: Path) -> None:
+    proc = run("evaluate", "--truth", str(tmp_path / "missing.json"), "--predictions", "x.json", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.json" in lines[0]
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(
+        '{"images": [{"id": 1, "file_name": "a.png", "width": 0, "height": 5}], "annotations": []}'
+    )
+    proc = run("evaluate", "--truth", str(broken), "--predictions", "x.json", check=False)
+    assert proc.returncode == 2 and "images[0].width" in proc.stderr
+
+    proc = run("synth", str(tmp_path / "s"), "--preset", "huge", check=False)
+    assert proc.returncode == 2 and "unknown synthetic preset 'huge'" in proc.stderr
+
+    proc = run("train", "--bogus", check=False)
+    assert proc.returncode == 2
+
+
+@pytest.mark.slow
+def test_synth_train_predict_evaluate_round_trip(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run("synth", str(data), "--preset", "tiny", "--seed", "3")
+    assert json.loads((data / "labeled.json").read_text())["info"]["seed"] == 3
+
+    recipe = tmp_path / "recipe.yaml"
+    import yaml
+
+    recipe.write_text(
+        yaml.safe_dump(
+            {"model": TINY_MODEL, "train": {"iterations": 6, "batch_size": 2, "checkpoint_period": 3}}
+        )
+    )
+    model = tmp_path / "model"
+    out = run(
+        "train",
+        "--train",
+        str(data / "labeled.json"),
+        "--images",
+        str(data / "images"),
+        "--out",
+        str(model),
+        "--config",
+        str(recipe),
+        "--device",
+        "cpu",
+    )
+    assert "trained 6 iterations" in out.stdout
+    assert {"config.yaml", "weights.pt", "meta.json", "checkpoint.pt"} <= {p.name for p in model.iterdir()}
+    meta = json.loads((model / "meta.json").read_text())
+    assert meta["training"]["iterations"] == 6 and meta["training"]["images"] == 12
+
+    results = tmp_path / "results.json"
+    run(
+        "predict",
+        "--model",
+        str(model),
+        "--images",
+        str(data / "test.json"),
+        "--images-dir",
+        str(data / "images"),
+        "--out",
+        str(results),
+        "--score-thresh",
+        "0.0",
+    )
+    detections = json.loads(results.read_text())
+    assert detections and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(detections[0])
+    test_ids = {img["id"] for img in json.loads((data / "test.json").read_text())["images"]}
+    assert {d["image_id"] for d in detections} <= test_ids
+
+    metrics_file = tmp_path / "metrics.json"
+    table = run(
+        "evaluate",
+        "--truth",
+        str(data / "test.json"),
+        "--predictions",
+        str(results),
+        "--json",
+        str(metrics_file),
+    )
+    assert "bbox AP" in table.stdout
+    metrics = json.loads(metrics_file.read_text())
+    assert {"bbox", "segm", "keypoints"} <= set(metrics)
+    assert all(-1.0 <= v <= 1.0 for m in metrics.values() for v in m.values())
