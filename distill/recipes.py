@@ -38,13 +38,19 @@ RECIPES: dict[str, dict[str, Any]] = {
             "rpn_pre_nms_top_n_test": 600,
             "rpn_post_nms_top_n_test": 300,
         },
+        # AdamW: from scratch with a few hundred iterations it learned faster than SGD in our runs
+        # (200 AdamW iterations: 3.2 box AP; 300 SGD iterations at lr 0.02 clipped to norm 5: 1.3; unclipped
+        # SGD diverged, and the clipping it needs shrinks the box head's share of an early gradient dominated
+        # by the mask and keypoint heads).
         "train": {
             "iterations": 400,
             "batch_size": 4,
-            "base_lr": 0.02,
+            "optimizer": "adamw",
+            "base_lr": 0.002,
+            "weight_decay": 0.05,
             "warmup_iters": 50,
             "schedule": "cosine",
-            "clip_grad_norm": 5.0,
+            "clip_grad_norm": 20.0,
             "checkpoint_period": 100,
         },
     },

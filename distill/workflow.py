@@ -91,7 +91,7 @@ def evaluate_model(
 
 
 def _synth_is_current(data_dir: Path, preset: str, seed: int) -> bool:
-    """True when ``data_dir`` holds a complete benchmark of this preset and seed (the json files come last)."""
+    """True when ``data_dir`` holds a complete benchmark of this preset and seed (json files come last)."""
     import dataclasses
 
     from distill.data.synthetic import resolve_preset

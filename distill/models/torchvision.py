@@ -21,6 +21,7 @@ from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -99,8 +100,6 @@ def build_rcnn(config: ModelConfig, *, backbone_weights: Any = None) -> FasterRC
         box_detections_per_img=config.detections_per_image,
     )
     if config.box_head_dim != 1024:
-        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-
         model.roi_heads.box_head = TwoMLPHead(channels * 7 * 7, config.box_head_dim)
         model.roi_heads.box_predictor = FastRCNNPredictor(config.box_head_dim, config.num_classes + 1)
     heads = model.roi_heads

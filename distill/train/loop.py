@@ -165,7 +165,8 @@ def train_detector(
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
         if not torch.isfinite(loss):
             raise TrainingError(
-                f"loss became {float(loss)} at iteration {iteration + 1} ({_fmt(values)}); lower base_lr "
+                f"loss became {float(loss.detach())} at iteration {iteration + 1} ({_fmt(values)}); "
+                "lower base_lr "
                 f"(now {cfg.base_lr}) or set clip_grad_norm (now {cfg.clip_grad_norm}); the last good "
                 f"checkpoint is {out_dir / CHECKPOINT_FILE}"
             )

@@ -67,7 +67,7 @@ def test_resume_with_another_config_is_refused(
     train_detector(build_detector(tiny_config), data, TrainConfig(iterations=1, batch_size=1), tmp_path)
     with pytest.raises(TrainingError, match=r"another training config \(differs in \['base_lr'\]\)"):
         train_detector(
-            build_detector(tiny_config), data, TrainConfig(iterations=2, batch_size=1, base_lr=0.5), tmp_path
+            build_detector(tiny_config), data, TrainConfig(iterations=1, batch_size=1, base_lr=0.5), tmp_path
         )
 
 

@@ -1,0 +1,35 @@
+# The two commands: `make demo` and `make test`. Both build .venv from scratch when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=/path/to/python3.11 ...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/distill demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/ruff check distill workers service tests bench
+	$(BIN)/ruff format --check distill workers service tests bench
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check distill workers service tests bench
+	$(BIN)/ruff format --check distill workers service tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_infer_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

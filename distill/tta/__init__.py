@@ -1,0 +1,1 @@
+"""Test-time augmentation: fusing the detections of several views (scales × flips) of one image."""

@@ -1,0 +1,128 @@
+"""Streaming multi-view inference over an image source: bounded memory, incremental atomic output, resumable.
+
+Output is JSON lines, one per image, in the order of the image references::
+
+    {"path": ..., "image_id": 7, "height": 240, "width": 320, "instances": [{COCO result + "agreement"}, ...]}
+    {"path": ..., "image_id": 8, "error": "cannot identify image file"}          # undecodable: reported
+
+Lines go to ``OUT.partial`` (flushed and fsync'ed per batch); when every image is done the file is renamed to
+``OUT``. Running again over the same references resumes after the last complete line (a torn last line is
+dropped), and does nothing when ``OUT`` already exists — so a redelivered shard overwrites, never duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.data.images import ImageRef, decode_images
+from distill.export import detections_to_coco
+from distill.io import write_text_atomic
+from distill.train.data import image_to_tensor
+from distill.tta.engine import MultiViewEngine
+
+
+@dataclass
+class StreamResult:
+    path: Path  # the final file (exists when complete)
+    images_done: int
+    images_total: int
+    skipped: list[tuple[str, str]]  # (path, reason)
+    complete: bool
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def run_to_jsonl(
+    engine: MultiViewEngine,
+    refs: Sequence[ImageRef],
+    out: str | Path,
+    *,
+    batch_size: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> StreamResult:
+    """Fused predictions of every image in ``refs`` as JSON lines at ``out`` (see the module docstring)."""
+    out = Path(out)
+    if out.exists():
+        lines = _read_lines(out)
+        return StreamResult(out, len(lines), len(refs), _skipped(lines), True)
+    partial = partial_path(out)
+    done_lines = _read_lines(partial) if partial.exists() else []
+    write_text_atomic(partial, "".join(json.dumps(line) + "\n" for line in done_lines))  # drops a torn line
+    done = {line["path"] for line in done_lines}
+    todo = [r for r in refs if r.path not in done]
+    count = len(refs) - len(todo)
+    with open(partial, "a") as handle:
+        for start in range(0, len(todo), batch_size):
+            if should_cancel is not None and should_cancel():
+                return StreamResult(out, count, len(refs), _skipped(_read_lines(partial)), False)
+            lines = _process(engine, todo[start : start + batch_size])
+            handle.write("".join(json.dumps(line) + "\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+            count += len(lines)
+            if progress is not None:
+                progress(count, len(refs))
+    os.replace(partial, out)
+    return StreamResult(out, count, len(refs), _skipped(_read_lines(out)), True)
+
+
+def _process(engine: MultiViewEngine, refs: Sequence[ImageRef]) -> list[dict]:
+    decoded, lines = [], {}
+    for ref, image, error in decode_images(refs):
+        if image is None:
+            lines[ref.path] = {"path": ref.path, "image_id": ref.image_id, "error": error or "unreadable"}
+        else:
+            decoded.append((ref, image_to_tensor(image)))
+    if decoded:
+        predictions = engine.predict([t for _, t in decoded])
+        for (ref, tensor), pred in zip(decoded, predictions, strict=True):
+            height, width = int(tensor.shape[1]), int(tensor.shape[2])
+            instances = detections_to_coco(
+                pred.detections,
+                image_id=ref.image_id or 0,
+                height=height,
+                width=width,
+                config=engine.detector.config,
+            )
+            for instance, agree in zip(instances, pred.agreement.tolist(), strict=True):
+                instance["agreement"] = round(agree, 4)
+            lines[ref.path] = {
+                "path": ref.path,
+                "image_id": ref.image_id,
+                "height": height,
+                "width": width,
+                "instances": instances,
+            }
+    return [lines[r.path] for r in refs]
+
+
+def _read_lines(path: Path) -> list[dict]:
+    lines = []
+    with open(path) as handle:
+        for text in handle:
+            if not text.endswith("\n"):
+                break  # torn write: the process died mid-line
+            lines.append(json.loads(text))
+    return lines
+
+
+def _skipped(lines: list[dict]) -> list[tuple[str, str]]:
+    return [(line["path"], line["error"]) for line in lines if "error" in line]
+
+
+def read_results(path: str | Path) -> tuple[list[dict], list[float]]:
+    """COCO results (without the agreement field) and the aligned agreement values of a JSON-lines file."""
+    results, agreements = [], []
+    for line in _read_lines(Path(path)):
+        for instance in line.get("instances", []):
+            instance = dict(instance)
+            agreements.append(instance.pop("agreement"))
+            results.append(instance)
+    return results, agreements

@@ -1,0 +1,143 @@
+"""The multi-view engine: identity for one view, exact flip un-swapping, heatmap fusion on hand-made maps."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from distill.models.base import PreparedBatch
+from distill.models.config import ModelConfig
+from distill.models.store import load_model
+from distill.structures import Detections
+from distill.transforms import ResizeFlip
+from distill.tta.engine import FusionConfig, MultiViewEngine
+from distill.tta.views import parse_views
+
+
+def _images(seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 150, 170, generator=generator), torch.rand(3, 160, 128, generator=generator)]
+
+
+def test_one_view_equals_plain_inference_exactly(trained_tiny_model: Path) -> None:
+    detector = load_model(trained_tiny_model)
+    views = parse_views("none", test_size=detector.config.test_size, max_size=detector.config.max_size)
+    images = _images()
+    plain = detector.predict(images, score_thresh=0.0)
+    engine = MultiViewEngine(detector, views, FusionConfig(view_score_thresh=0.0))
+    fused = engine.predict(images)
+    for p, f in zip(plain, fused, strict=True):
+        d = f.detections
+        assert len(p) > 0
+        assert (
+            torch.equal(p.boxes, d.boxes)
+            and torch.equal(p.scores, d.scores)
+            and torch.equal(p.labels, d.labels)
+        )
+        assert torch.equal(p.masks, d.masks)
+        assert torch.equal(p.keypoints, d.keypoints)
+        assert torch.all(f.agreement == 1.0)
+
+
+def test_flipped_view_of_a_flipped_image_is_the_mirrored_plain_view(trained_tiny_model: Path) -> None:
+    detector = load_model(trained_tiny_model)
+    size, cap = detector.config.test_size, detector.config.max_size
+    image = _images(1)[0]
+    every = FusionConfig(view_score_thresh=0.0)
+    plain_views = parse_views(f"{size}", test_size=size, max_size=cap)
+    plain = MultiViewEngine(detector, plain_views, every).predict([image])[0]
+    flip_only = parse_views(f"{size}:flip", test_size=size, max_size=cap)
+    flip_only = type(flip_only)(tuple(v for v in flip_only if v.flip), size, "flip only")
+    mirrored = MultiViewEngine(detector, flip_only, every).predict([image.flip(-1)])[0]
+    a, b = plain.detections, mirrored.detections
+    width = image.shape[-1]
+    assert len(a) > 0 and torch.equal(a.scores, b.scores) and torch.equal(a.labels, b.labels)
+    expected_boxes = torch.stack(
+        [width - a.boxes[:, 2], a.boxes[:, 1], width - a.boxes[:, 0], a.boxes[:, 3]], 1
+    )
+    assert torch.allclose(b.boxes, expected_boxes, atol=1e-3)
+    flip = torch.tensor(detector.config.keypoint_flip_indices())
+    keypoint_rows = detector.is_keypoint_class(a.labels)
+    assert keypoint_rows.any()
+    ka, kb = a.keypoints[keypoint_rows], b.keypoints[keypoint_rows]
+    # left/right swapped back: keypoint k of the mirrored run is keypoint flip[k] of the plain run, mirrored.
+    # The plain view decodes its heatmaps on view-scale boxes and the flipped one on original boxes, so the
+    # argmax grid differs by about a pixel, and where a weak model's heatmap is flat the argmax can jump:
+    # compare medians, and against the hypothesis that channels were not swapped.
+    swapped = torch.hypot(kb[..., 0] - (width - ka[:, flip, 0]), kb[..., 1] - ka[:, flip, 1])
+    unswapped = torch.hypot(kb[..., 0] - (width - ka[..., 0]), kb[..., 1] - ka[..., 1])
+    assert swapped.median() <= 1.5
+    assert unswapped.median() > 3 * swapped.median() + 3.0
+
+
+class _PerfectKeypointDetector:
+    """A stand-in detector that 'sees' one object with known keypoints and emits ideal heatmaps in any view.
+
+    In a flipped view it labels keypoints by chirality, as a real model does: its LEFT channel peaks where the
+    mirrored image shows the left side, i.e. at the mirrored position of the original RIGHT keypoint.
+    """
+
+    def __init__(self, config: ModelConfig, box: list[float], keypoints: list[list[float]]) -> None:
+        self.config = config
+        self.device = torch.device("cpu")
+        self.box = torch.tensor([box])
+        self.kps = torch.tensor(keypoints)  # [K, 2] original coordinates
+        self.flip = torch.tensor(config.keypoint_flip_indices())
+        self.has_masks, self.has_keypoints = False, True
+
+    def eval(self) -> None: ...
+
+    def keypoint_flip_indices(self) -> torch.Tensor:
+        return self.flip
+
+    def is_keypoint_class(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(labels, dtype=torch.bool)
+
+    def prepare(self, images, size=None, flip=False, max_size=None) -> PreparedBatch:
+        h, w = images[0].shape[-2:]
+        scale = size / min(h, w)
+        t = ResizeFlip(h, w, round(h * scale), round(w * scale), flip)
+        return PreparedBatch(torch.zeros(1), [(t.out_height, t.out_width)], [t])
+
+    def features(self, batch: PreparedBatch) -> OrderedDict:
+        return OrderedDict(x=torch.zeros(1))
+
+    def detect(self, feats, batch, **_: object) -> list[Detections]:
+        t = batch.transforms[0]
+        return [Detections(t.apply_boxes(self.box), torch.tensor([0.9]), torch.tensor([0]))]
+
+    def keypoint_logits(self, feats, batch, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        t, box = batch.transforms[0], boxes[0][0]
+        size = 56
+        points = self.kps.clone()
+        if t.flip:  # what the model sees: mirrored positions, channels labelled by chirality
+            points[:, 0] = t.width - points[:, 0]
+            points = points[self.flip]
+        points[:, 0] *= t.out_width / t.width
+        points[:, 1] *= t.out_height / t.height
+        maps = torch.full((1, len(points), size, size), -10.0)
+        for k, (x, y) in enumerate(points.tolist()):
+            col = int((x - box[0]) / (box[2] - box[0]) * size)
+            row = int((y - box[1]) / (box[3] - box[1]) * size)
+            maps[0, k, min(max(row, 0), size - 1), min(max(col, 0), size - 1)] = 10.0
+        return [maps]
+
+
+def test_heatmap_fusion_unflips_and_swaps_hand_made_heatmaps(tiny_config: ModelConfig) -> None:
+    num = len(tiny_config.keypoint_names)
+    box = [40.0, 20.0, 96.0, 132.0]
+    truth = [[44.0 + 5 * k, 24.0 + 11 * k] for k in range(num)]  # all distinct, left/right at different x
+    detector = _PerfectKeypointDetector(tiny_config, box, truth)
+    views = parse_views("100,160,200:flip", test_size=160, max_size=400)
+    fused = MultiViewEngine(detector, views).predict([torch.zeros(3, 150, 170)])[0]
+    got = fused.detections.keypoints[0, :, :2]
+    # every view agrees once flipped views are un-flipped and swapped; the heatmap grid is box/56 px
+    assert torch.allclose(got, torch.tensor(truth), atol=2 * (box[3] - box[1]) / 56)
+    assert fused.agreement.tolist() == [1.0]
+
+    # an engine that reversed the width but did not swap channels would average left with right:
+    detector.keypoint_flip_indices = lambda: torch.arange(num)
+    wrong = MultiViewEngine(detector, views).predict([torch.zeros(3, 150, 170)])[0]
+    assert not torch.allclose(wrong.detections.keypoints[0, :, :2], torch.tensor(truth), atol=4.0)

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distill.data.images import iter_image_refs
+from distill.models.store import load_model
+from distill.tta.engine import MultiViewEngine
+from distill.tta.stream import partial_path, read_results, run_to_jsonl
+from distill.tta.views import parse_views
+
+
+def test_stream_is_resumable_reports_bad_files_and_never_duplicates(
+    trained_tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    detector = load_model(trained_tiny_model)
+    views = parse_views(
+        "0.75x,1x:flip", test_size=detector.config.test_size, max_size=detector.config.max_size
+    )
+    engine = MultiViewEngine(detector, views)
+    refs = iter_image_refs(tiny_data / "test.json", images_dir=tiny_data / "images")[:5]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    refs = [*refs[:2], type(refs[0])(image_id=99, path=str(bad), file_name="broken.png"), *refs[2:]]
+    out = tmp_path / "pred.jsonl"
+
+    calls = iter(range(100))
+    first = run_to_jsonl(engine, refs, out, batch_size=2, should_cancel=lambda: next(calls) >= 1)
+    assert not first.complete and first.images_done == 2 and not out.exists()
+    with open(partial_path(out), "a") as handle:  # a crash mid-write leaves a torn line
+        handle.write('{"path": "torn')
+
+    second = run_to_jsonl(engine, refs, out, batch_size=2)
+    assert second.complete and out.exists() and not partial_path(out).exists()
+    lines = [json.loads(t) for t in out.read_text().splitlines()]
+    assert [line["path"] for line in lines] == [r.path for r in refs]  # each image once, in order
+    assert second.skipped == [(str(bad), lines[2]["error"])]
+    results, agreement = read_results(out)
+    assert len(results) == len(agreement) and all(0.0 < a <= 1.0 for a in agreement)
+    assert {r["image_id"] for r in results} <= {r.image_id for r in refs}
+
+    again = run_to_jsonl(engine, refs, out, batch_size=2)  # a redelivered shard: nothing recomputed
+    assert again.complete and out.read_text() == "\n".join(json.dumps(x) for x in lines) + "\n"
