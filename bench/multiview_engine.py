@@ -29,7 +29,7 @@ from distill.models.store import load_model
 from distill.structures import Detections
 from distill.train.data import image_to_tensor
 from distill.tta.boxes import fuse_boxes
-from distill.tta.engine import MultiViewEngine
+from distill.tta.engine import FusionConfig, MultiViewEngine
 from distill.tta.views import parse_views
 
 
@@ -163,8 +163,7 @@ def main(args: argparse.Namespace) -> dict:
     _, images = _load(refs)
     images = [i.to(args.device) for i in images]
     engine = MultiViewEngine(detector, views)
-    box_only = MultiViewEngine(detector, views)
-    box_only._needs_heads = lambda: False  # the same engine with the head pass skipped
+    box_only = MultiViewEngine(detector, views, FusionConfig(heads=False))
 
     run_engine(engine, images[: args.batch_size], args.batch_size)  # warm-up
     t_engine = _timed(lambda: run_engine(engine, images, args.batch_size), args.repeats)

@@ -47,6 +47,7 @@ class FusionConfig:
     area_thresh: float | None = None  # px^2; default (180 / 800 * test_size)^2, Detectron's 180^2 at 800 px
     agreement_iou: float = 0.5
     feature_cache_mb: float = 2048.0
+    heads: bool = True  # False: box-only multi-view (no keypoint/mask fusion even if the model has the heads)
 
 
 @dataclass
@@ -124,7 +125,7 @@ class MultiViewEngine:
         return passes
 
     def _needs_heads(self) -> bool:
-        return self.detector.has_masks or self.detector.has_keypoints
+        return self.fusion.heads and (self.detector.has_masks or self.detector.has_keypoints)
 
     # -- fusion of boxes ---------------------------------------------------------------------------------
     def _fuse_boxes(self, passes: list[_ViewPass], index: int) -> _ImageFusion:
