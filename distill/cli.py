@@ -164,17 +164,13 @@ def evaluate(
 
     if (predictions is None) == (model is None):
         raise InputError("give exactly one of --predictions or --model")
-    dataset = load_coco(truth)
     if predictions is not None:
-        results = load_results(predictions, dataset)
+        dataset = load_coco(truth)
+        metrics = run_eval(dataset, load_results(predictions, dataset))
     else:
-        from distill.data.images import iter_image_refs
-        from distill.models.store import load_model
-        from distill.predict import predict_coco
+        from distill.workflow import evaluate_model
 
-        detector = load_model(model, device=_device(device))
-        results = predict_coco(detector, iter_image_refs(truth, images_dir=images))
-    metrics = run_eval(dataset, results)
+        metrics = evaluate_model(model, truth, images, device=_device(device))
     typer.echo(format_table({"value": metrics}, keys=("AP", "AP50", "AP75", "APs", "APm", "APl")))
     if json_out is not None:
         write_json_atomic(json_out, metrics, indent=2)

@@ -76,7 +76,7 @@ def train_model(
 def evaluate_model(
     model_dir: str | Path,
     truth_json: str | Path,
-    images_dir: str | Path,
+    images_dir: str | Path | None,
     *,
     device: str = "cpu",
     batch_size: int = 4,

@@ -120,3 +120,31 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path: Path) -> None:
     has_keypoints = any("keypoints" in d for d in detections)
     assert {"bbox", "segm"} <= set(metrics) and ("keypoints" in metrics) == has_keypoints
     assert all(-1.0 <= v <= 1.0 for m in metrics.values() for v in m.values())
+
+    # evaluating a model directly equals predicting (same defaults) and evaluating the file
+    plain = tmp_path / "plain.json"
+    run(
+        "predict",
+        "--model",
+        str(model),
+        "--images",
+        str(data / "test.json"),
+        "--images-dir",
+        str(data / "images"),
+        "--out",
+        str(plain),
+    )
+    via_file, via_model = tmp_path / "via_file.json", tmp_path / "via_model.json"
+    run("evaluate", "--truth", str(data / "test.json"), "--predictions", str(plain), "--json", str(via_file))
+    run(
+        "evaluate",
+        "--truth",
+        str(data / "test.json"),
+        "--model",
+        str(model),
+        "--images",
+        str(data / "images"),
+        "--json",
+        str(via_model),
+    )
+    assert json.loads(via_model.read_text()) == json.loads(via_file.read_text())
