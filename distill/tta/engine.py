@@ -84,8 +84,7 @@ class MultiViewEngine:
         self.detector = detector
         self.views = views
         self.fusion = fusion or FusionConfig()
-        flip = detector.keypoint_flip_indices()
-        self._flip_indices = flip
+        self._flip_indices = detector.keypoint_flip_indices()
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor]) -> list[FusedPrediction]:

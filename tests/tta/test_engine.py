@@ -141,3 +141,19 @@ def test_heatmap_fusion_unflips_and_swaps_hand_made_heatmaps(tiny_config: ModelC
     detector.keypoint_flip_indices = lambda: torch.arange(num)
     wrong = MultiViewEngine(detector, views).predict([torch.zeros(3, 150, 170)])[0]
     assert not torch.allclose(wrong.detections.keypoints[0, :, :2], torch.tensor(truth), atol=4.0)
+
+
+def test_recomputing_features_outside_the_cache_budget_changes_nothing(trained_tiny_model: Path) -> None:
+    detector = load_model(trained_tiny_model)
+    views = parse_views(
+        "0.75x,1x:flip", test_size=detector.config.test_size, max_size=detector.config.max_size
+    )
+    images = _images(2)
+    cached = MultiViewEngine(detector, views, FusionConfig(view_score_thresh=0.0)).predict(images)
+    recomputed = MultiViewEngine(detector, views, FusionConfig(view_score_thresh=0.0, feature_cache_mb=0.0))
+    for a, b in zip(cached, recomputed.predict(images), strict=True):
+        assert len(a.detections) > 0
+        assert torch.equal(a.detections.boxes, b.detections.boxes)
+        assert torch.equal(a.detections.masks, b.detections.masks)
+        assert torch.equal(a.detections.keypoints, b.detections.keypoints)
+        assert torch.equal(a.agreement, b.agreement)
