@@ -85,20 +85,22 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path: Path) -> None:
     meta = json.loads((model / "meta.json").read_text())
     assert meta["training"]["iterations"] == 6 and meta["training"]["images"] == 12
 
+    def predict(out: Path, *extra: str) -> None:
+        run(
+            "predict",
+            "--model",
+            str(model),
+            "--images",
+            str(data / "test.json"),
+            "--images-dir",
+            str(data / "images"),
+            "--out",
+            str(out),
+            *extra,
+        )
+
     results = tmp_path / "results.json"
-    run(
-        "predict",
-        "--model",
-        str(model),
-        "--images",
-        str(data / "test.json"),
-        "--images-dir",
-        str(data / "images"),
-        "--out",
-        str(results),
-        "--score-thresh",
-        "0.0",
-    )
+    predict(results, "--score-thresh", "0.0")
     detections = json.loads(results.read_text())
     assert detections and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(detections[0])
     test_ids = {img["id"] for img in json.loads((data / "test.json").read_text())["images"]}
@@ -123,17 +125,7 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path: Path) -> None:
 
     # evaluating a model directly equals predicting (same defaults) and evaluating the file
     plain = tmp_path / "plain.json"
-    run(
-        "predict",
-        "--model",
-        str(model),
-        "--images",
-        str(data / "test.json"),
-        "--images-dir",
-        str(data / "images"),
-        "--out",
-        str(plain),
-    )
+    predict(plain)
     via_file, via_model = tmp_path / "via_file.json", tmp_path / "via_model.json"
     run("evaluate", "--truth", str(data / "test.json"), "--predictions", str(plain), "--json", str(via_file))
     run(

@@ -32,11 +32,18 @@ def list_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def build_detector(config: ModelConfig, *, device: str | torch.device = "cpu", init: str = "scratch") -> Any:
-    """A new detector for ``config``; ``init`` is ``scratch``, ``imagenet`` or a path to weights."""
+def _backend(config: ModelConfig, source: str) -> type[TorchvisionDetector]:
     cls = _BACKENDS.get(config.backend)
     if cls is None:
-        raise ModelFileError(f"unknown backend {config.backend!r}; known: {', '.join(list_backends())}")
+        raise ModelFileError(
+            f"{source}: unknown backend {config.backend!r}; known: {', '.join(list_backends())}"
+        )
+    return cls
+
+
+def build_detector(config: ModelConfig, *, device: str | torch.device = "cpu", init: str = "scratch") -> Any:
+    """A new detector for ``config``; ``init`` is ``scratch``, ``imagenet`` or a path to weights."""
+    cls = _backend(config, "model config")
     if init == "scratch":
         return cls(config, device=device)
     if init == "imagenet":
@@ -75,10 +82,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
             f"{directory}: not a model directory (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
     config = ModelConfig.from_yaml_file(directory / CONFIG_FILE)
-    cls = _BACKENDS.get(config.backend)
-    if cls is None:
-        raise ModelFileError(f"{directory / CONFIG_FILE}: unknown backend {config.backend!r}")
-    detector = cls(config, device=device)
+    detector = _backend(config, str(directory / CONFIG_FILE))(config, device=device)
     state = read_state_dict(directory / WEIGHTS_FILE)
     _load_exact(detector.model, state, directory / WEIGHTS_FILE)
     return detector
