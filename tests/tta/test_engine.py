@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distill.models.base import PreparedBatch
 from distill.models.config import ModelConfig
@@ -117,12 +120,14 @@ class _PerfectKeypointDetector:
             points = points[self.flip]
         points[:, 0] *= t.out_width / t.width
         points[:, 1] *= t.out_height / t.height
-        maps = torch.full((1, len(points), size, size), -10.0)
-        for k, (x, y) in enumerate(points.tolist()):
-            col = int((x - box[0]) / (box[2] - box[0]) * size)
-            row = int((y - box[1]) / (box[3] - box[1]) * size)
-            maps[0, k, min(max(row, 0), size - 1), min(max(col, 0), size - 1)] = 10.0
-        return [maps]
+        # a smooth peak (like a trained head's), so that resampling a small box's heatmap cannot miss it
+        grid = torch.arange(size, dtype=torch.float32) + 0.5
+        col = (points[:, 0] - box[0]) / (box[2] - box[0]) * size
+        row = (points[:, 1] - box[1]) / (box[3] - box[1]) * size
+        dist2 = (grid[None, :, None] - row[:, None, None]) ** 2 + (
+            grid[None, None, :] - col[:, None, None]
+        ) ** 2
+        return [(10.0 - dist2 / 8.0)[None]]
 
 
 def test_heatmap_fusion_unflips_and_swaps_hand_made_heatmaps(tiny_config: ModelConfig) -> None:
@@ -157,3 +162,71 @@ def test_recomputing_features_outside_the_cache_budget_changes_nothing(trained_t
         assert torch.equal(a.detections.masks, b.detections.masks)
         assert torch.equal(a.detections.keypoints, b.detections.keypoints)
         assert torch.equal(a.agreement, b.agreement)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(60, 400),
+    width=st.integers(60, 400),
+    sizes=st.lists(st.integers(64, 480), min_size=1, max_size=4, unique=True),
+    flip=st.booleans(),
+    data=st.data(),
+)
+def test_boxes_and_keypoints_come_back_to_the_original_for_any_views(
+    tiny_config: ModelConfig, height: int, width: int, sizes: list[int], flip: bool, data
+) -> None:
+    num = len(tiny_config.keypoint_names)
+    x1 = data.draw(st.floats(0, width * 0.5))
+    y1 = data.draw(st.floats(0, height * 0.5))
+    x2 = data.draw(st.floats(x1 + 20, width))
+    y2 = data.draw(st.floats(y1 + 20, height))
+    fractions = data.draw(
+        st.lists(st.tuples(st.floats(0.05, 0.95), st.floats(0.05, 0.95)), min_size=num, max_size=num)
+    )
+    truth = [[x1 + fx * (x2 - x1), y1 + fy * (y2 - y1)] for fx, fy in fractions]
+    detector = _PerfectKeypointDetector(tiny_config, [x1, y1, x2, y2], truth)
+    spec = ",".join(str(s) for s in sizes) + (":flip" if flip else "")
+    fused = MultiViewEngine(detector, parse_views(spec, test_size=160, max_size=4000)).predict(
+        [torch.zeros(3, height, width)]
+    )[0]
+    scale = max(height, width)
+    assert torch.allclose(fused.detections.boxes, torch.tensor([[x1, y1, x2, y2]]), atol=1e-3 * scale)
+    # heatmap cells are box/56 in each view: the fused argmax lies within two cells of the truth
+    cell = torch.tensor([(x2 - x1) / 56, (y2 - y1) / 56])
+    error = (fused.detections.keypoints[0, :, :2] - torch.tensor(truth)).abs()
+    assert torch.all(error <= 2 * cell + 1e-3 * scale)
+    assert fused.agreement.tolist() == [1.0]
+
+
+class _TwoObjectDetector(_PerfectKeypointDetector):
+    """Sees a confident object and a doubtful one; records how many boxes the keypoint head was given."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config, [10.0, 10.0, 60.0, 80.0], [[20.0, 20.0]] * len(config.keypoint_names))
+        self.box = torch.tensor([[10.0, 10.0, 60.0, 80.0], [80.0, 20.0, 140.0, 100.0]])
+        self.head_boxes: list[int] = []
+
+    def detect(self, feats, batch, **_: object) -> list[Detections]:
+        t = batch.transforms[0]
+        return [Detections(t.apply_boxes(self.box), torch.tensor([0.9, 0.2]), torch.tensor([0, 0]))]
+
+    def keypoint_logits(self, feats, batch, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.head_boxes.append(len(boxes[0]))
+        return [torch.zeros(len(boxes[0]), len(self.kps), 56, 56)]
+
+
+def test_score_floor_runs_the_heads_only_on_boxes_that_can_become_pseudo_labels(
+    tiny_config: ModelConfig,
+) -> None:
+    views = parse_views("100,160:flip", test_size=160, max_size=400)
+    image = [torch.zeros(3, 150, 170)]
+    everything = _TwoObjectDetector(tiny_config)
+    assert len(MultiViewEngine(everything, views).predict(image)[0].detections) == 2
+    assert everything.head_boxes == [2, 2, 2, 2]
+    floored = _TwoObjectDetector(tiny_config)
+    out = MultiViewEngine(floored, views, FusionConfig(score_floor=0.5)).predict(image)[0]
+    assert out.detections.scores.tolist() == [pytest.approx(0.9)] and len(out.detections.keypoints) == 1
+    assert floored.head_boxes == [1, 1, 1, 1]
+    top1 = _TwoObjectDetector(tiny_config)
+    MultiViewEngine(top1, views, FusionConfig(max_detections=1)).predict(image)
+    assert top1.head_boxes == [1, 1, 1, 1]
