@@ -65,22 +65,44 @@ def train(
     ] = "scratch",
     iterations: Annotated[int | None, typer.Option(help="override train.iterations")] = None,
     seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
+    pseudo: Annotated[
+        Path | None, typer.Option(help="pseudo-label COCO json (distill calibrate): train a student")
+    ] = None,
+    pseudo_images: Annotated[
+        Path | None, typer.Option(help="folder of the pseudo-labels' file names (default: --images)")
+    ] = None,
+    ratio: Annotated[str, typer.Option(help="labeled:pseudo images per minibatch, with --pseudo")] = "6:4",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
-    """Train a detector on a COCO dataset."""
-    from distill.workflow import train_model
+    """Train a detector on a COCO dataset (with --pseudo: a student on labeled + pseudo-labeled images)."""
+    from distill.workflow import train_model, train_student
 
     overrides = {k: v for k, v in {"iterations": iterations, "seed": seed}.items() if v is not None}
-    result = train_model(
-        train_json,
-        images,
-        out,
-        recipe=config,
-        init=init,
-        device=_device(device),
-        train_overrides=overrides,
-        progress=_train_progress(),
-    )
+    if pseudo is None:
+        result = train_model(
+            train_json,
+            images,
+            out,
+            recipe=config,
+            init=init,
+            device=_device(device),
+            train_overrides=overrides,
+            progress=_train_progress(),
+        )
+    else:
+        result = train_student(
+            train_json,
+            images,
+            pseudo,
+            pseudo_images or images,
+            out,
+            recipe=config,
+            init=init,
+            ratio=_parse_ratio(ratio),
+            device=_device(device),
+            train_overrides=overrides,
+            progress=_train_progress(),
+        )
     typer.echo(
         f"trained {result.iterations} iterations in {result.seconds / 60:.1f} min; loss "
         f"{result.first_losses.get('total', float('nan')):.3f} -> "
@@ -135,6 +157,8 @@ def predict(
         lines = out.with_name(out.name + ".jsonl")
         streamed = run_to_jsonl(engine, refs, lines, batch_size=batch_size)
         results, agreement = read_results(lines)
+        for entry, value in zip(results, agreement, strict=True):  # for calibrate --min-agreement
+            entry["agreement"] = value
         skipped = streamed.skipped
         write_json_atomic(
             out.with_name(out.name + ".views.json"),
@@ -145,6 +169,40 @@ def predict(
     typer.echo(f"{len(results)} detections on {len(refs) - len(skipped)} images ({seconds:.1f} s) -> {out}")
     for path, reason in skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
+
+
+@app.command()
+def fuse(
+    results: Annotated[
+        list[Path], typer.Argument(metavar="RESULTS", help="COCO results files to fuse (two or more)")
+    ],
+    out: Annotated[Path, typer.Option(help="fused COCO results json to write")],
+    fusion: Annotated[
+        str, typer.Option(help="vote (score-weighted boxes) | wbf (cluster means) | nms | soft-nms")
+    ] = "vote",
+    iou: Annotated[float, typer.Option(help="clustering IoU threshold, in (0, 1]")] = 0.5,
+    max_detections: Annotated[int, typer.Option(min=0, help="per image; 0: no limit")] = 100,
+) -> None:
+    """Output-level fusion of COCO results (boxes, keypoints, RLE masks) from any source; every fused
+    detection gets an "agreement": the fraction of the files with a same-class detection at IoU >= 0.5."""
+    from distill.tta.boxes import FUSION_METHODS
+    from distill.tta.instances import fuse_result_files
+
+    if len(results) < 2:
+        raise InputError(f"need at least two results files, got {len(results)}")
+    if fusion not in FUSION_METHODS:
+        raise InputError(f"--fusion {fusion!r}: expected nms, vote, soft-nms or wbf")
+    if not 0.0 < iou <= 1.0:
+        raise InputError(f"--iou {iou}: expected a value in (0, 1]")
+    started = time.perf_counter()
+    summary = fuse_result_files(
+        results, out, method=fusion, iou_thresh=iou, max_detections=max_detections or None
+    )
+    seconds = time.perf_counter() - started
+    typer.echo(
+        f"fused {summary.inputs} files ({summary.input_detections} detections) into {summary.detections} "
+        f"detections on {summary.images} images ({seconds:.1f} s) -> {summary.out}"
+    )
 
 
 @app.command()
@@ -177,6 +235,73 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    predictions: Annotated[Path, typer.Option(help="COCO results json, or a multi-view .jsonl stream")],
+    unlabeled: Annotated[Path, typer.Option(help="the unlabeled images: COCO json or image folder")],
+    labeled: Annotated[Path, typer.Option(help="labeled COCO json (the target density)")],
+    out: Annotated[Path, typer.Option(help="pseudo-label COCO json to write")],
+    unlabeled_images: Annotated[
+        Path | None, typer.Option(help="folder for the unlabeled json's file names")
+    ] = None,
+    per_class: Annotated[bool, typer.Option(help="one threshold per class")] = False,
+    threshold: Annotated[float | None, typer.Option(help="fixed score threshold instead")] = None,
+    keypoint_threshold: Annotated[float | None, typer.Option(help="fixed keypoint score threshold")] = None,
+    min_agreement: Annotated[
+        float | None, typer.Option(help="drop predictions seen by fewer views first")
+    ] = None,
+    strict: Annotated[bool, typer.Option(help="fail (exit 2) on a health warning")] = False,
+) -> None:
+    """Calibrate the score threshold (pseudo-instances per image = labeled mean); write pseudo-labels."""
+    from distill.pipeline import describe_calibration
+    from distill.workflow import make_pseudo_labels
+
+    if threshold is not None and per_class:
+        raise InputError("--threshold and --per-class exclude each other")
+    calibration = make_pseudo_labels(
+        predictions,
+        unlabeled=unlabeled,
+        unlabeled_images_dir=unlabeled_images,
+        labeled_json=labeled,
+        out=out,
+        per_class=per_class,
+        threshold=threshold,
+        min_agreement=min_agreement,
+        keypoint_threshold=keypoint_threshold,
+        strict=strict,
+    )
+    for line in describe_calibration(calibration).splitlines():
+        typer.echo(line, err=line.startswith("warning"))
+    typer.echo(f"wrote {out} (+ {out.stem}.calibration.json / .png)")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option(help="pipeline YAML (see distill.pipeline.PipelineConfig)")],
+    out: Annotated[Path, typer.Option(help="run directory (re-running resumes)")],
+    rounds: Annotated[int | None, typer.Option(min=1, help="override the config's rounds")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+) -> None:
+    """Distillation rounds: teacher, multi-view inference, calibration, student, evaluation, promotion."""
+    from distill.pipeline import PipelineConfig, run_pipeline
+
+    pipeline = PipelineConfig.from_yaml(config)
+    if rounds is not None:
+        pipeline.rounds = rounds
+    summary = run_pipeline(pipeline, out, device=_device(device), echo=typer.echo, progress=_train_progress())
+    typer.echo(f"final model: {summary['final_model']}; report: {out / 'report.md'}")
+
+
+def _parse_ratio(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError(f"--ratio {text!r}: expected LABELED:PSEUDO, e.g. 6:4") from None
+    if a < 0 or b < 0 or a + b <= 0:
+        raise InputError(f"--ratio {text!r}: parts must be >= 0 with a positive sum")
+    return a, b
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo"),
     preset: Annotated[str, typer.Option(help="synthetic preset")] = "demo",
@@ -184,7 +309,7 @@ def demo(
     iterations: Annotated[int | None, typer.Option(help="override the recipe's training iterations")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
-    """The main job on the embedded benchmark: synthesize, train a teacher, evaluate it, print the metrics."""
+    """The whole round on the embedded benchmark: teacher, pseudo-labels, student, teacher vs student."""
     from distill.workflow import run_demo
 
     summary = run_demo(

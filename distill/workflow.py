@@ -12,16 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distill.data.coco import load_coco
+import torch
+
+from distill.data.coco import coco_statistics, load_coco, load_results, save_coco
 from distill.data.images import iter_image_refs
-from distill.evaluate import evaluate, format_table
+from distill.errors import InputError
+from distill.evaluate import evaluate
 from distill.io import write_json_atomic
 from distill.models.config import config_from_coco_categories
-from distill.models.store import build_detector, load_model, read_meta
+from distill.models.store import build_detector, load_model
 from distill.predict import predict_coco
+from distill.pseudo.calibrate import Calibration, calibrate
+from distill.pseudo.labels import build_pseudo_labels
+from distill.pseudo.plot import plot_calibration
 from distill.recipes import load_recipe
 from distill.train.data import CocoDetectionDataset
 from distill.train.loop import TrainConfig, TrainProgress, TrainResult, train_detector
+from distill.train.samplers import RatioBatchSampler
 
 
 def file_sha256(path: str | Path) -> str:
@@ -104,6 +111,14 @@ def _synth_is_current(data_dir: Path, preset: str, seed: int) -> bool:
     return info.get("seed") == seed and info.get("preset_params") == expected
 
 
+DEMO_SETTINGS: dict[str, Any] = {
+    # The embedded round sized for ~15 min on 2 CPU cores; see README "The demo".
+    "teacher": {"recipe": "synth", "iterations": 300},
+    "inference": {"views": "0.75x,1x,1.25x:flip", "fusion": "nms", "batch_size": 4, "max_detections": 20},
+    "student": {"schedule_factor": 1.5, "ratio": [6, 4]},
+}
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -113,52 +128,207 @@ def run_demo(
     device: str = "cpu",
     progress: Callable[[TrainProgress], None] | None = None,
     echo: Callable[[str], None] = print,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Synthesize the benchmark, train a teacher on its labeled split, evaluate on its test split.
+    """One distillation round on the embedded benchmark: synthesize it, train a teacher on its labeled split,
+    pseudo-label the unlabeled split, train a student, compare both on the test split.
 
-    Re-running reuses what is there: data of the same preset and seed, a finished or checkpointed model.
+    Re-running reuses what is there: data of the same preset and seed, finished steps, checkpoints.
+    ``iterations`` overrides the teacher's (the student gets its usual multiple of it).
     """
     from distill.data.synthetic import generate
+    from distill.pipeline import PipelineConfig, run_pipeline
 
     out = Path(out)
     data_dir = out / "data"
-    minutes: dict[str, float] = {}
     started = time.perf_counter()
     if not _synth_is_current(data_dir, preset, seed):
         echo(f"synthesizing the {preset!r} benchmark (seed {seed}) into {data_dir}")
         generate(data_dir, preset=preset, seed=seed)
-    minutes["synth"] = (time.perf_counter() - started) / 60
-    teacher_dir = out / "teacher"
-    overrides: dict[str, Any] = {"seed": seed}
+    synth_minutes = (time.perf_counter() - started) / 60
+    spec = json.loads(json.dumps(settings or DEMO_SETTINGS))
     if iterations is not None:
-        overrides["iterations"] = iterations
-    t0 = time.perf_counter()
-    echo(f"training the teacher on {data_dir / 'labeled.json'}")
-    result = train_model(
-        data_dir / "labeled.json",
-        data_dir / "images",
-        teacher_dir,
-        recipe="synth",
-        device=device,
-        train_overrides=overrides,
-        progress=progress,
+        spec["teacher"]["iterations"] = iterations
+    config = PipelineConfig.model_validate(
+        {
+            "data": {
+                "labeled": data_dir / "labeled.json",
+                "labeled_images": data_dir / "images",
+                "unlabeled": data_dir / "unlabeled.json",
+                "unlabeled_images": data_dir / "images",
+                "test": data_dir / "test.json",
+                "test_images": data_dir / "images",
+            },
+            "seed": seed,
+            **spec,
+        }
     )
-    minutes["train"] = (time.perf_counter() - t0) / 60
-    t0 = time.perf_counter()
-    metrics = evaluate_model(teacher_dir, data_dir / "test.json", data_dir / "images", device=device)
-    minutes["evaluate"] = (time.perf_counter() - t0) / 60
-    minutes["total"] = (time.perf_counter() - started) / 60
-    summary = {
-        "preset": preset,
-        "seed": seed,
-        "teacher": str(teacher_dir),
-        "train_iterations": result.iterations,
-        "teacher_metrics": metrics,
-        "minutes": {k: round(v, 2) for k, v in minutes.items()},
-        "model_meta": read_meta(teacher_dir),
+    summary = run_pipeline(config, out, device=device, echo=echo, progress=progress)
+    summary["preset"] = preset
+    summary["minutes"] = {
+        "synth": round(synth_minutes, 2),
+        **summary["rounds"][0]["minutes"],
+        "total": round((time.perf_counter() - started) / 60, 2),
     }
     write_json_atomic(out / "summary.json", summary, indent=2)
-    echo("")
-    echo(f"teacher on the test split ({data_dir / 'test.json'}), COCO AP in points:")
-    echo(format_table({"teacher": metrics}))
     return summary
+
+
+def unlabeled_images(source: str | Path, images_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """COCO image entries (id, file_name, width, height) of an unlabeled set: a COCO json or an image folder.
+
+    For a folder, ids are positions + 1 (as ``distill predict`` assigns them) and sizes are read from the
+    image headers (EXIF rotation applied, like decoding does).
+    """
+    refs = iter_image_refs(source, images_dir=images_dir)
+    if all(r.width is not None and r.height is not None for r in refs):
+        return [
+            {"id": r.image_id, "file_name": r.file_name, "width": r.width, "height": r.height} for r in refs
+        ]
+    from distill.data.images import image_size
+
+    out = []
+    for ref in refs:
+        width, height = image_size(ref.path)
+        out.append({"id": ref.image_id, "file_name": ref.file_name, "width": width, "height": height})
+    return out
+
+
+def load_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """COCO results from a ``.json`` list or a multi-view ``.jsonl`` stream (``agreement`` kept per entry)."""
+    from distill.data.coco import validate_results
+    from distill.tta.stream import read_results
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise InputError(f"{path}: predictions file not found")
+        results, agreement = read_results(path)
+        for entry, value in zip(results, agreement, strict=True):
+            entry["agreement"] = value
+        validate_results(results, str(path))
+        return results
+    return load_results(path)
+
+
+def make_pseudo_labels(
+    predictions: str | Path | list[dict[str, Any]],
+    *,
+    unlabeled: str | Path,
+    labeled_json: str | Path,
+    out: str | Path,
+    unlabeled_images_dir: str | Path | None = None,
+    per_class: bool = False,
+    threshold: float | None = None,
+    min_agreement: float | None = None,
+    keypoint_threshold: float | None = None,
+    strict: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> Calibration:
+    """Calibrate the threshold(s) and write the pseudo-label COCO file ``out`` plus the calibration artifacts
+    ``OUT.calibration.json`` and ``OUT.calibration.png``. Under ``strict`` a health warning is an error (and
+    nothing is written)."""
+    out = Path(out)
+    labeled = load_coco(labeled_json)
+    images = unlabeled_images(unlabeled, unlabeled_images_dir)
+    source = str(predictions) if not isinstance(predictions, list) else "predictions"
+    entries = predictions if isinstance(predictions, list) else load_predictions(predictions)
+    stats = coco_statistics(labeled)
+    if stats.num_instances == 0:
+        raise InputError(f"{labeled_json}: the labeled set has no instances; nothing to calibrate against")
+    try:
+        calibration = calibrate(
+            entries,
+            labeled=stats,
+            unlabeled_image_ids=[im["id"] for im in images],
+            per_class=per_class,
+            threshold=threshold,
+            min_agreement=min_agreement,
+            keypoint_threshold=keypoint_threshold,
+        )
+    except ValueError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    if strict and calibration.warnings:
+        raise InputError(
+            "calibration failed the health checks (--strict): " + "; ".join(calibration.warnings)
+        )
+    data = build_pseudo_labels(
+        entries,
+        images=images,
+        labeled=labeled,
+        calibration=calibration,
+        provenance={
+            "predictions": source,
+            "labeled": str(labeled_json),
+            "labeled_sha256": file_sha256(labeled_json),
+            **(provenance or {}),
+        },
+        source=source,
+    )
+    write_json_atomic(out.with_name(out.stem + ".calibration.json"), calibration.to_dict(), indent=1)
+    plot_calibration(
+        calibration,
+        out.with_name(out.stem + ".calibration.png"),
+        category_names={c["id"]: c["name"] for c in labeled.categories},
+    )
+    save_coco(data, out)
+    return calibration
+
+
+def train_student(
+    labeled_json: str | Path,
+    labeled_images: str | Path,
+    pseudo_json: str | Path,
+    pseudo_images: str | Path,
+    out_dir: str | Path,
+    *,
+    recipe: str | None = None,
+    init: str = "scratch",
+    ratio: tuple[float, float] = (6.0, 4.0),
+    device: str = "cpu",
+    train_overrides: dict[str, Any] | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
+    """Train a student on labeled + pseudo-labeled images, ``ratio`` = labeled : pseudo per minibatch.
+
+    The label space is the labeled set's; images of the pseudo set without instances stay (negatives).
+    """
+    labeled = load_coco(labeled_json)
+    pseudo = load_coco(pseudo_json)
+    if [c["id"] for c in pseudo.categories] != [c["id"] for c in labeled.categories]:
+        raise InputError(f"{pseudo_json}: categories differ from {labeled_json}'s")
+    spec = load_recipe(recipe)
+    model_fields = dict(spec["model"])
+    model_fields.setdefault("masks", any(a.get("segmentation") for a in labeled.annotations))
+    config = config_from_coco_categories(labeled.categories, **model_fields)
+    train_cfg = TrainConfig.model_validate({**spec["train"], **(train_overrides or {})})
+    detector = build_detector(config, device=device, init=init)
+    labeled_data = CocoDetectionDataset(
+        labeled, labeled_images, config, keep_empty=train_cfg.keep_empty_images
+    )
+    pseudo_data = CocoDetectionDataset(pseudo, pseudo_images, config, keep_empty=True)
+    data = torch.utils.data.ConcatDataset([labeled_data, pseudo_data])
+    sampler = RatioBatchSampler(
+        [len(labeled_data), len(pseudo_data)], list(ratio), train_cfg.batch_size, seed=train_cfg.seed
+    )
+    result = train_detector(detector, data, train_cfg, out_dir, sampler=sampler, progress=progress)
+    detector.save(
+        out_dir,
+        extra={
+            "training": {
+                "data": str(labeled_json),
+                "data_sha256": file_sha256(labeled_json),
+                "pseudo": str(pseudo_json),
+                "pseudo_sha256": file_sha256(pseudo_json),
+                "ratio": list(ratio),
+                "images": {"labeled": len(labeled_data), "pseudo": len(pseudo_data)},
+                "init": init,
+                "config": train_cfg.model_dump(mode="json"),
+                "iterations": result.iterations,
+                "first_loss": result.first_losses,
+                "final_loss": result.final_losses,
+                "seconds": round(result.seconds, 1),
+            }
+        },
+    )
+    return result

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 
-COMMANDS = ["synth", "train", "predict", "evaluate", "demo"]
+COMMANDS = ["synth", "train", "predict", "fuse", "evaluate", "calibrate", "run", "demo"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:

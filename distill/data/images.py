@@ -148,6 +148,20 @@ def load_image(
             raise ImageDecodeError(name, f"cannot convert mode {image.mode!r} to RGB: {error}") from error
 
 
+def image_size(path: str | os.PathLike[str], *, apply_exif_orientation: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of an image from its header (no pixel decoding), after EXIF rotation."""
+    name = str(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1) if apply_exif_orientation else 1
+    except FileNotFoundError:
+        raise ImageDecodeError(name, "file not found") from None
+    except Exception as error:  # Pillow raises assorted errors on malformed headers
+        raise ImageDecodeError(name, f"cannot read the image header: {error}") from error
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 @dataclass(frozen=True)
 class ImageRef:
     """One input image: where it is and, when it comes from a COCO file, its id and declared size."""

@@ -1,0 +1,1 @@
+"""Pseudo-labels: score calibration and the pseudo-label COCO file."""

@@ -1,0 +1,130 @@
+"""A whole distillation round on the ``tiny`` benchmark through ``distill run``, and the pipeline config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.data.coco import load_coco
+from distill.errors import InputError
+from distill.pipeline import PipelineConfig, primary_metric
+from tests.conftest import TINY_MODEL
+from tests.test_cli import run
+
+STUDENT_TRAIN = {"batch_size": 2, "base_lr": 0.01, "warmup_iters": 2, "checkpoint_period": 1000}
+
+
+def write_pipeline(tmp_path: Path, tiny_data: Path, teacher: Path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": STUDENT_TRAIN}))
+    config = {
+        "data": {
+            "labeled": str(tiny_data / "labeled.json"),
+            "labeled_images": str(tiny_data / "images"),
+            "unlabeled": str(tiny_data / "unlabeled.json"),
+            "unlabeled_images": str(tiny_data / "images"),
+            "test": str(tiny_data / "test.json"),
+            "test_images": str(tiny_data / "images"),
+        },
+        "teacher": {"model": str(teacher), "recipe": "recipe.yaml"},
+        "inference": {"views": "1x,1.25x:flip", "batch_size": 4, "max_detections": 20},
+        "student": {"iterations": 6, "ratio": [6, 4]},
+        "evaluation": {"primary": "keypoints/AP"},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_distill_run_does_a_whole_round_and_resumes_as_a_no_op(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+) -> None:
+    config = write_pipeline(tmp_path, tiny_data, trained_tiny_model)
+    out = tmp_path / "run"
+    proc = run("run", "--config", str(config), "--out", str(out), "--device", "cpu")
+    assert "teacher vs student" in proc.stdout and "calibration (global)" in proc.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    (r,) = summary["rounds"]
+    # promotion follows the configured metric
+    teacher, student = r["metrics"]["teacher"], r["metrics"]["student"]
+    assert r["primary"]["metric"] == "keypoints/AP"
+    assert r["promoted"] == (
+        primary_metric(student, "keypoints/AP") > primary_metric(teacher, "keypoints/AP")
+    )
+    assert summary["final_model"] == (r["student"] if r["promoted"] else str(trained_tiny_model))
+    # predictions for every unlabeled image, 4 views
+    lines = (out / "round_1" / "predictions.jsonl").read_text().splitlines()
+    unlabeled = load_coco(tiny_data / "unlabeled.json")
+    assert len(lines) == len(unlabeled.images)
+    assert (
+        r["views"]["views"][0] == {"size": 160, "max_size": 320, "flip": False}
+        and len(r["views"]["views"]) == 4
+    )
+    # the pseudo-labels: every unlabeled image, calibrated to the labeled density, provenance recorded
+    pseudo = load_coco(out / "round_1" / "pseudo.json")
+    assert len(pseudo.images) == len(unlabeled.images)
+    labeled = load_coco(tiny_data / "labeled.json")
+    target = len(labeled.annotations) / len(labeled.images) * len(unlabeled.images)
+    assert abs(len(pseudo.annotations) - target) <= 3  # exact up to score ties
+    assert pseudo.data["info"]["teacher"] == str(trained_tiny_model)
+    assert all(0 < a["agreement"] <= 1 for a in pseudo.annotations)
+    student_meta = json.loads((out / "round_1" / "student" / "meta.json").read_text())
+    assert student_meta["training"]["iterations"] == 6 and student_meta["training"]["ratio"] == [6.0, 4.0]
+    assert (out / "report.md").read_text().count("round_1/pseudo.calibration.png") == 1
+
+    weights = out / "round_1" / "student" / "weights.pt"
+    stamp = weights.stat().st_mtime_ns
+    again = run("run", "--config", str(config), "--out", str(out), "--device", "cpu")
+    assert "is complete" in again.stdout and "multi-view inference" not in again.stdout
+    assert weights.stat().st_mtime_ns == stamp
+
+    # distill calibrate on the same predictions: per class, exit 0, its own artifacts
+    per_class = tmp_path / "P.json"
+    proc = run(
+        "calibrate",
+        "--predictions", str(out / "round_1" / "predictions.jsonl"),
+        "--unlabeled", str(tiny_data / "unlabeled.json"),
+        "--labeled", str(tiny_data / "labeled.json"),
+        "--out", str(per_class),
+        "--per-class",
+    )  # fmt: skip
+    assert "calibration (per-class)" in proc.stdout
+    report = json.loads((tmp_path / "P.calibration.json").read_text())
+    assert report["mode"] == "per-class" and set(report["class_thresholds"]) == {"1", "2", "3", "4"}
+
+
+def test_calibrate_cli_rejects_conflicting_options(tmp_path: Path, tiny_data: Path) -> None:
+    proc = run(
+        "calibrate",
+        "--predictions", str(tmp_path / "missing.json"),
+        "--unlabeled", str(tiny_data / "unlabeled.json"),
+        "--labeled", str(tiny_data / "labeled.json"),
+        "--out", str(tmp_path / "P.json"),
+        "--per-class", "--threshold", "0.5",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "exclude each other" in proc.stderr
+
+
+def test_pipeline_config_errors_name_the_field_and_paths_resolve(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        yaml.safe_dump({"data": {"labeled": "l.json", "labeled_images": "img", "unlabeled": "u"}})
+    )
+    config = PipelineConfig.from_yaml(path)
+    assert config.data.labeled == tmp_path / "l.json" and config.student.ratio == (6.0, 4.0)
+    path.write_text(yaml.safe_dump({"data": {"labeled": "l.json"}, "studnet": {}}))
+    with pytest.raises(InputError, match=r"p\.yaml: data\.labeled_images: Field required \(3 problem"):
+        PipelineConfig.from_yaml(path)
+    path.write_text(
+        yaml.safe_dump(
+            {"data": {"labeled": "l", "labeled_images": "i", "unlabeled": "u"}, "student": {"ratio": 3}}
+        )
+    )
+    with pytest.raises(InputError, match=r"student\.ratio"):
+        PipelineConfig.from_yaml(path)
