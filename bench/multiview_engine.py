@@ -14,6 +14,7 @@ Prints a table and a final JSON line. Timings are medians over --repeats runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -42,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=16, help="images for the timing runs")
     parser.add_argument("--quality-images", type=int, default=200, help="unlabeled images scored for quality")
     parser.add_argument("--views", default="paper")
+    parser.add_argument(
+        "--score-floor", type=float, default=0.0, help="fused boxes below it get no heads (FusionConfig)"
+    )
     parser.add_argument(
         "--max-detections",
         type=int,
@@ -180,8 +184,9 @@ def main(args: argparse.Namespace) -> dict:
     refs = iter_image_refs(args.data / "test.json", images_dir=args.data / "images")[: args.images]
     _, images = _load(refs)
     images = [i.to(args.device) for i in images]
-    engine = MultiViewEngine(detector, views, FusionConfig(max_detections=args.max_detections))
-    box_only = MultiViewEngine(detector, views, FusionConfig(heads=False, max_detections=args.max_detections))
+    fusion = FusionConfig(max_detections=args.max_detections, score_floor=args.score_floor)
+    engine = MultiViewEngine(detector, views, fusion)
+    box_only = MultiViewEngine(detector, views, dataclasses.replace(fusion, heads=False))
 
     run_engine(engine, images[: args.batch_size], args.batch_size)  # warm-up
     t_engine = _timed(lambda: run_engine(engine, images, args.batch_size), args.repeats)
@@ -195,6 +200,7 @@ def main(args: argparse.Namespace) -> dict:
         "device": args.device,
         "views": len(views),
         "max_detections": args.max_detections,
+        "score_floor": args.score_floor,
         "images": len(images),
         "engine_images_per_s": round(len(images) / t_engine, 3),
         "naive_images_per_s": round(len(images) / t_naive, 3),
@@ -204,7 +210,7 @@ def main(args: argparse.Namespace) -> dict:
     }
     print(
         f"views: {len(views)} ({args.views}), images: {len(images)}, batch {args.batch_size}, {args.device}, "
-        f"heads on the top {args.max_detections} fused boxes per image"
+        f"heads on the top {args.max_detections} fused boxes per image scoring >= {args.score_floor}"
     )
     print(f"1. engine vs naive loop            : {report['engine_vs_naive_speedup']:.2f}x  (target >= 2x)")
     print(f"2. kp+mask fusion / box-only        : {report['heads_cost_ratio']:.3f}   (target <= 1.10)")

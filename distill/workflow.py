@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from distill.data.coco import coco_statistics, load_coco, load_results, save_coco
+from distill.data.coco import CocoDataset, coco_statistics, load_coco, load_results, save_coco
 from distill.data.images import iter_image_refs
 from distill.errors import InputError
 from distill.evaluate import evaluate
 from distill.io import write_json_atomic
-from distill.models.config import config_from_coco_categories
+from distill.models.config import ModelConfig, config_from_coco_categories
 from distill.models.store import build_detector, load_model
 from distill.predict import predict_coco
 from distill.pseudo.calibrate import Calibration, calibrate
@@ -53,23 +53,41 @@ def train_model(
 ) -> TrainResult:
     """Train a detector on a COCO dataset and save it as a model directory (resuming a checkpoint there)."""
     dataset = load_coco(train_json)
+    config, train_cfg = _configs(dataset, recipe, train_overrides, model_overrides)
+    detector = build_detector(config, device=device, init=init)
+    data = CocoDetectionDataset(dataset, images_dir, config, keep_empty=train_cfg.keep_empty_images)
+    result = train_detector(detector, data, train_cfg, out_dir, progress=progress)
+    _save_trained(detector, out_dir, result, train_cfg, init, train_json, images=len(data))
+    return result
+
+
+def _configs(
+    dataset: CocoDataset,
+    recipe: str | None,
+    train_overrides: dict | None,
+    model_overrides: dict | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """The model config (label space from ``dataset``) and training config of a recipe plus overrides."""
     spec = load_recipe(recipe)
     model_fields = {**spec["model"], **(model_overrides or {})}
     model_fields.setdefault("masks", any(a.get("segmentation") for a in dataset.annotations))
     config = config_from_coco_categories(dataset.categories, **model_fields)
-    train_cfg = TrainConfig.model_validate({**spec["train"], **(train_overrides or {})})
-    detector = build_detector(config, device=device, init=init)
-    data = CocoDetectionDataset(dataset, images_dir, config, keep_empty=train_cfg.keep_empty_images)
-    result = train_detector(detector, data, train_cfg, out_dir, progress=progress)
+    return config, TrainConfig.model_validate({**spec["train"], **(train_overrides or {})})
+
+
+def _save_trained(
+    detector, out_dir, result: TrainResult, cfg: TrainConfig, init: str, data_json, **extra
+) -> None:
+    """Save the model directory with what it was trained on and how, in ``meta.json``."""
     detector.save(
         out_dir,
         extra={
             "training": {
-                "data": str(train_json),
-                "data_sha256": file_sha256(train_json),
-                "images": len(data),
+                "data": str(data_json),
+                "data_sha256": file_sha256(data_json),
+                **extra,
                 "init": init,
-                "config": train_cfg.model_dump(mode="json"),
+                "config": cfg.model_dump(mode="json"),
                 "iterations": result.iterations,
                 "first_loss": result.first_losses,
                 "final_loss": result.final_losses,
@@ -77,7 +95,6 @@ def train_model(
             }
         },
     )
-    return result
 
 
 def evaluate_model(
@@ -112,7 +129,8 @@ def _synth_is_current(data_dir: Path, preset: str, seed: int) -> bool:
 
 
 DEMO_SETTINGS: dict[str, Any] = {
-    # The embedded round sized for ~15 min on 2 CPU cores; see README "The demo".
+    # One round on the embedded benchmark, aimed at 2 CPU cores (still ~20 min idle, over the 15 min aim; the
+    # time goes to training and to 6 views x 800 images). Results: bench/RESULTS.md, "A whole round".
     "teacher": {"recipe": "synth", "iterations": 300},
     "inference": {"views": "0.75x,1x,1.25x:flip", "fusion": "nms", "batch_size": 4, "max_detections": 20},
     "student": {"schedule_factor": 1.5, "ratio": [6, 4]},
@@ -297,11 +315,7 @@ def train_student(
     pseudo = load_coco(pseudo_json)
     if [c["id"] for c in pseudo.categories] != [c["id"] for c in labeled.categories]:
         raise InputError(f"{pseudo_json}: categories differ from {labeled_json}'s")
-    spec = load_recipe(recipe)
-    model_fields = dict(spec["model"])
-    model_fields.setdefault("masks", any(a.get("segmentation") for a in labeled.annotations))
-    config = config_from_coco_categories(labeled.categories, **model_fields)
-    train_cfg = TrainConfig.model_validate({**spec["train"], **(train_overrides or {})})
+    config, train_cfg = _configs(labeled, recipe, train_overrides)
     detector = build_detector(config, device=device, init=init)
     labeled_data = CocoDetectionDataset(
         labeled, labeled_images, config, keep_empty=train_cfg.keep_empty_images
@@ -312,23 +326,16 @@ def train_student(
         [len(labeled_data), len(pseudo_data)], list(ratio), train_cfg.batch_size, seed=train_cfg.seed
     )
     result = train_detector(detector, data, train_cfg, out_dir, sampler=sampler, progress=progress)
-    detector.save(
+    _save_trained(
+        detector,
         out_dir,
-        extra={
-            "training": {
-                "data": str(labeled_json),
-                "data_sha256": file_sha256(labeled_json),
-                "pseudo": str(pseudo_json),
-                "pseudo_sha256": file_sha256(pseudo_json),
-                "ratio": list(ratio),
-                "images": {"labeled": len(labeled_data), "pseudo": len(pseudo_data)},
-                "init": init,
-                "config": train_cfg.model_dump(mode="json"),
-                "iterations": result.iterations,
-                "first_loss": result.first_losses,
-                "final_loss": result.final_losses,
-                "seconds": round(result.seconds, 1),
-            }
-        },
+        result,
+        train_cfg,
+        init,
+        labeled_json,
+        pseudo=str(pseudo_json),
+        pseudo_sha256=file_sha256(pseudo_json),
+        ratio=list(ratio),
+        images={"labeled": len(labeled_data), "pseudo": len(pseudo_data)},
     )
     return result
