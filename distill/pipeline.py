@@ -153,8 +153,9 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run ``config.rounds`` distillation rounds under ``out``; returns (and writes) the summary."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(config, out / "pipeline.yaml")
     _check_inputs(config)
+    out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     rounds: list[dict[str, Any]] = []
     teacher_dir = config.teacher.model
@@ -224,6 +225,28 @@ def run_pipeline(
     write_json_atomic(out / "summary.json", summary, indent=2)
     write_text_atomic(out / "report.md", render_report(summary))
     return summary
+
+
+def _check_same_config(config: PipelineConfig, saved: Path) -> None:
+    """Resuming must not mix artifacts of two configs: only ``rounds`` may change in an existing run."""
+    if not saved.exists():
+        return
+    before = yaml.safe_load(saved.read_text()) or {}
+    now = config.model_dump(mode="json")
+    changed: list[str] = []
+    for section in sorted(set(before) | set(now)):
+        old, new = before.get(section), now.get(section)
+        if section == "rounds" or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            changed.append(section)
+    if changed:
+        raise InputError(
+            f"{saved.parent}: this run directory was made with another pipeline config (differs in "
+            f"{', '.join(changed)}); use a new --out, or delete the directory to start over"
+        )
 
 
 def _check_inputs(config: PipelineConfig) -> None:

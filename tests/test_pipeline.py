@@ -137,3 +137,19 @@ def test_pipeline_config_errors_name_the_field_and_paths_resolve(tmp_path: Path)
     )
     with pytest.raises(InputError, match=r"student\.ratio"):
         PipelineConfig.from_yaml(path)
+
+
+def test_a_run_directory_refuses_another_config_but_accepts_more_rounds(tmp_path: Path) -> None:
+    from distill.pipeline import run_pipeline
+
+    data = {"labeled": "l.json", "labeled_images": "i", "unlabeled": "u"}
+    config = PipelineConfig.model_validate({"data": data, "student": {"ratio": [6, 4]}})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    other = PipelineConfig.model_validate({"data": data, "student": {"ratio": [1, 1]}, "rounds": 3})
+    with pytest.raises(InputError, match=r"another pipeline config \(differs in student\.ratio\)"):
+        run_pipeline(other, out)
+    more_rounds = PipelineConfig.model_validate({"data": data, "student": {"ratio": [6, 4]}, "rounds": 3})
+    with pytest.raises(InputError, match=r"data\.labeled: l\.json does not exist"):  # past the config check
+        run_pipeline(more_rounds, out)
