@@ -14,7 +14,8 @@ one directory::
         pseudo.calibration.json / .png
         student/
         metrics.json          teacher and student on the test split
-      round_2/ ...            round k's teacher is round k-1's promoted model
+      round_2/ ...            round k's teacher is round k-1's promoted model; a round whose student is
+                              not promoted ends the run (the next round would repeat it)
 
 Every step skips what is already complete (a finished model, a complete predictions file, an existing
 pseudo-label file, a metrics file), and training resumes from its checkpoint, so re-running the same
@@ -213,9 +214,12 @@ def run_pipeline(
         record["promoted"] = promoted
         record["minutes"] = {key: round(v, 2) for key, v in minutes.items()}
         rounds.append(record)
-        if promoted:
-            teacher_dir = student_dir
-            teacher_metrics = record.get("metrics", {}).get("student")
+        if not promoted:  # the next round would repeat this one with the same teacher and seed
+            if k < config.rounds:
+                echo(f"stopping after round {k}: the student did not beat the teacher")
+            break
+        teacher_dir = student_dir
+        teacher_metrics = record.get("metrics", {}).get("student")
     summary = {
         "run": str(out),
         "rounds": rounds,
