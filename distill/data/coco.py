@@ -29,6 +29,7 @@ __all__ = [
     "encode_mask",
     "load_coco",
     "load_results",
+    "rle_for_pycocotools",
     "save_coco",
     "validate_coco",
     "validate_results",
@@ -749,6 +750,17 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     }
 
 
+def rle_for_pycocotools(rle: Mapping[str, Any]) -> dict[str, Any]:
+    """A COCO RLE dict (compressed string or list of run lengths) in the form pycocotools' C API takes."""
+    from pycocotools import mask as mask_utils
+
+    size = [int(s) for s in rle["size"]]
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return mask_utils.frPyObjects({"size": size, "counts": counts}, *size)
+    return {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     """Rasterise a COCO segmentation (polygons, list-RLE or compressed RLE) to a bool (height, width) mask."""
     from pycocotools import mask as mask_utils
@@ -766,11 +778,7 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
         size = [int(s) for s in segmentation["size"]]
         if size != [height, width]:
             raise ValueError(f"RLE size {size} does not match [height, width] = [{height}, {width}]")
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            rle = mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)
-        else:
-            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = rle_for_pycocotools(segmentation)
     else:
         raise ValueError(f"expected a polygon list or an RLE dict, got {_describe(segmentation)}")
     return mask_utils.decode(rle).astype(bool)

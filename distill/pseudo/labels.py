@@ -22,7 +22,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from distill import __version__
-from distill.data.coco import CocoDataset, validate_coco
+from distill.data.coco import CocoDataset, rle_for_pycocotools, validate_coco
 from distill.errors import InputError
 from distill.pseudo.calibrate import Calibration
 
@@ -105,7 +105,7 @@ def _annotation(p: dict[str, Any], is_keypoint_cat: bool, kp_threshold: float | 
     segmentation = p.get("segmentation")
     if isinstance(segmentation, dict):
         ann["segmentation"] = segmentation
-        ann["area"] = float(mask_utils.area(_rle_for_api(segmentation)))
+        ann["area"] = float(mask_utils.area(rle_for_pycocotools(segmentation)))
     else:
         ann["area"] = w * h
     if is_keypoint_cat and p.get("keypoints"):
@@ -118,13 +118,6 @@ def _annotation(p: dict[str, Any], is_keypoint_cat: bool, kp_threshold: float | 
         ann["keypoints"] = [round(float(v), 2) for v in out.ravel()]
         ann["num_keypoints"] = int(visible.sum())
     return ann
-
-
-def _rle_for_api(rle: dict[str, Any]) -> dict[str, Any]:
-    counts = rle["counts"]
-    if isinstance(counts, list):
-        return mask_utils.frPyObjects(rle, *rle["size"])
-    return {"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
 
 
 def _finite(value: float | None) -> float | None:

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.data.coco import encode_mask, load_results, validate_results
+from distill.data.coco import encode_mask, load_results, rle_for_pycocotools, validate_results
 from distill.errors import CocoFormatError
 from distill.io import write_json_atomic
 from distill.tta.boxes import FUSION_METHODS, agreement, fuse_boxes
@@ -235,23 +235,12 @@ def _derived_box(entry: dict[str, Any]) -> list[float]:
     if "segmentation" in entry:
         from pycocotools import mask as mask_utils
 
-        x, y, w, h = mask_utils.toBbox(_rle(entry["segmentation"])).tolist()
+        x, y, w, h = mask_utils.toBbox(rle_for_pycocotools(entry["segmentation"])).tolist()
         return [x, y, x + w, y + h]
     kp = np.asarray(entry["keypoints"], dtype=np.float64).reshape(-1, 3)
     if (kp[:, 2] > 0).any():
         kp = kp[kp[:, 2] > 0]
     return [kp[:, 0].min(), kp[:, 1].min(), kp[:, 0].max(), kp[:, 1].max()]
-
-
-def _rle(segmentation: dict[str, Any]) -> dict[str, Any]:
-    """A validated results RLE (compressed string or list of run lengths) in pycocotools' form."""
-    from pycocotools import mask as mask_utils
-
-    height, width = segmentation["size"]
-    counts = segmentation["counts"]
-    if isinstance(counts, list):
-        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    return {"size": [height, width], "counts": counts.encode("ascii")}
 
 
 def _fuse(
@@ -429,7 +418,9 @@ def _fuse_masks(flat: _Flat, members: np.ndarray, m: int) -> dict[int, dict[str,
         if len(group) == 1:
             out[k] = dict(flat.entries[group[0]]["segmentation"])
             continue
-        masks = mask_utils.decode([_rle(flat.entries[i]["segmentation"]) for i in group])  # [H, W, n] uint8
+        masks = mask_utils.decode(
+            [rle_for_pycocotools(flat.entries[i]["segmentation"]) for i in group]
+        )  # [H, W, n] uint8
         weight = flat.score[group]
         if not weight.sum() > 0:
             weight = np.ones_like(weight)
