@@ -26,7 +26,7 @@ import torch
 
 from distill.io import write_json_atomic
 from distill.pipeline import PipelineConfig, primary_metric, run_pipeline
-from distill.workflow import DEMO_SETTINGS, evaluate_model, run_demo, train_model
+from distill.workflow import DEMO_SETTINGS, evaluate_model, run_demo, synthetic_data_spec, train_model
 
 METRICS = ("bbox/AP", "segm/AP", "keypoints/AP", "bbox/AP50", "keypoints/AP50")
 
@@ -67,20 +67,7 @@ def _variant(seed_dir: Path, name: str, seed: int, device: str, **changes) -> di
     spec["teacher"]["model"] = str(seed_dir / "round_1" / "teacher")
     for section, values in changes.items():
         spec.setdefault(section, {}).update(values)
-    config = PipelineConfig.model_validate(
-        {
-            "data": {
-                "labeled": data / "labeled.json",
-                "labeled_images": data / "images",
-                "unlabeled": data / "unlabeled.json",
-                "unlabeled_images": data / "images",
-                "test": data / "test.json",
-                "test_images": data / "images",
-            },
-            "seed": seed,
-            **spec,
-        }
-    )
+    config = PipelineConfig.model_validate({"data": synthetic_data_spec(data), "seed": seed, **spec})
     summary = run_pipeline(config, seed_dir / name, device=device, echo=print)
     return summary["rounds"][0]["metrics"]["student"]
 

@@ -145,7 +145,7 @@ def predict(
         skipped = [(s.path, s.reason) for s in skipped_items]
     else:
         from distill.tta.engine import FusionConfig, MultiViewEngine
-        from distill.tta.stream import read_results, run_to_jsonl
+        from distill.tta.stream import read_instances, run_to_jsonl
         from distill.tta.views import parse_views
 
         view_set = parse_views(views, test_size=detector.config.test_size, max_size=detector.config.max_size)
@@ -156,9 +156,8 @@ def predict(
         )
         lines = out.with_name(out.name + ".jsonl")
         streamed = run_to_jsonl(engine, refs, lines, batch_size=batch_size)
-        results, agreement = read_results(lines)
-        for entry, value in zip(results, agreement, strict=True):  # for calibrate --min-agreement
-            entry["agreement"] = value
+        results = read_instances(lines)  # each keeps its agreement, for calibrate --min-agreement
+        agreement = [r["agreement"] for r in results]
         skipped = streamed.skipped
         write_json_atomic(
             out.with_name(out.name + ".views.json"),

@@ -137,6 +137,20 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
+def synthetic_data_spec(data_dir: str | Path) -> dict[str, Path]:
+    """The pipeline's ``data:`` section for a ``distill synth`` folder (labeled / unlabeled / test splits)."""
+    data_dir = Path(data_dir)
+    images = data_dir / "images"
+    return {
+        "labeled": data_dir / "labeled.json",
+        "labeled_images": images,
+        "unlabeled": data_dir / "unlabeled.json",
+        "unlabeled_images": images,
+        "test": data_dir / "test.json",
+        "test_images": images,
+    }
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -167,20 +181,7 @@ def run_demo(
     spec = json.loads(json.dumps(settings or DEMO_SETTINGS))
     if iterations is not None:
         spec["teacher"]["iterations"] = iterations
-    config = PipelineConfig.model_validate(
-        {
-            "data": {
-                "labeled": data_dir / "labeled.json",
-                "labeled_images": data_dir / "images",
-                "unlabeled": data_dir / "unlabeled.json",
-                "unlabeled_images": data_dir / "images",
-                "test": data_dir / "test.json",
-                "test_images": data_dir / "images",
-            },
-            "seed": seed,
-            **spec,
-        }
-    )
+    config = PipelineConfig.model_validate({"data": synthetic_data_spec(data_dir), "seed": seed, **spec})
     summary = run_pipeline(config, out, device=device, echo=echo, progress=progress)
     summary["preset"] = preset
     summary["minutes"] = {
@@ -215,15 +216,13 @@ def unlabeled_images(source: str | Path, images_dir: str | Path | None = None) -
 def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     """COCO results from a ``.json`` list or a multi-view ``.jsonl`` stream (``agreement`` kept per entry)."""
     from distill.data.coco import validate_results
-    from distill.tta.stream import read_results
+    from distill.tta.stream import read_instances
 
     path = Path(path)
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise InputError(f"{path}: predictions file not found")
-        results, agreement = read_results(path)
-        for entry, value in zip(results, agreement, strict=True):
-            entry["agreement"] = value
+        results = read_instances(path)
         validate_results(results, str(path))
         return results
     return load_results(path)

@@ -117,12 +117,12 @@ def _skipped(lines: list[dict]) -> list[tuple[str, str]]:
     return [(line["path"], line["error"]) for line in lines if "error" in line]
 
 
+def read_instances(path: str | Path) -> list[dict]:
+    """Every fused instance of a JSON-lines file as a COCO result entry, its ``agreement`` kept."""
+    return [dict(instance) for line in _read_lines(Path(path)) for instance in line.get("instances", [])]
+
+
 def read_results(path: str | Path) -> tuple[list[dict], list[float]]:
     """COCO results (without the agreement field) and the aligned agreement values of a JSON-lines file."""
-    results, agreements = [], []
-    for line in _read_lines(Path(path)):
-        for instance in line.get("instances", []):
-            instance = dict(instance)
-            agreements.append(instance.pop("agreement"))
-            results.append(instance)
-    return results, agreements
+    results = read_instances(path)
+    return results, [r.pop("agreement") for r in results]
