@@ -1,6 +1,6 @@
 """Does distillation help? Teacher vs student vs an equal-schedule labeled-only baseline, over seeds.
 
-    python bench/distill_round.py --out runs/exp --seeds 0 1 2 [--variants-seed 0]
+    python bench/distill_round.py --out runs/exp --seeds 0 1 2 [--variants-seeds 0 1 2]
 
 Per seed ``s`` (the ``demo`` preset generated with seed ``s``, everything else seeded with ``s`` too):
 
@@ -10,8 +10,9 @@ Per seed ``s`` (the ``demo`` preset generated with seed ``s``, everything else s
 * ``baseline``: labeled only, *the student's* schedule: the control that separates the gain of the
   pseudo-labels from the gain of training longer.
 
-With ``--variants-seed`` (one seed, same teacher): students from single-view pseudo-labels and from per-class
-calibration. Prints one table per metric and a final JSON line; everything lands under ``--out``.
+With ``--variants-seeds`` (per listed seed, that seed's teacher): students from single-view pseudo-labels
+and from per-class calibration. Prints one table per metric and a final JSON line; everything lands under
+``--out``; seeds already in ``--out/results.json`` are kept, so a bench can be extended seed by seed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/exp"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants-seed", type=int, default=None)
+    parser.add_argument("--variants-seeds", type=int, nargs="*", default=[])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -79,7 +80,11 @@ def _fmt(values: list[float]) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    results: dict[int, dict] = {}
+    results_file = args.out / "results.json"
+    # earlier runs' seeds (and variants) are kept: a bench can be resumed or extended seed by seed
+    results: dict[int, dict] = (
+        {int(k): v for k, v in json.loads(results_file.read_text()).items()} if results_file.exists() else {}
+    )
     started = time.perf_counter()
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
@@ -90,21 +95,21 @@ def main(args: argparse.Namespace) -> None:
             "student": round_1["metrics"]["student"],
             "baseline": _baseline(seed_dir, seed, round_1["student_iterations"], args.device),
         }
-        results[seed] = {"metrics": metrics, "minutes": summary["minutes"]}
-        write_json_atomic(args.out / "results.json", results, indent=2)
+        previous = results.get(seed, {}).get("metrics", {})
+        results[seed] = {"metrics": {**previous, **metrics}, "minutes": summary["minutes"]}
+        write_json_atomic(results_file, results, indent=2)
         print(f"seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    if args.variants_seed is not None:  # after every seed's main comparison
-        seed = args.variants_seed
+    for seed in args.variants_seeds:  # after every seed's main comparison
         seed_dir = args.out / f"seed{seed}"
         metrics = results[seed]["metrics"]
         metrics["student_single_view"] = _variant(
             seed_dir, "single_view", seed, args.device, inference={"views": "none"}
         )
-        write_json_atomic(args.out / "results.json", results, indent=2)
+        write_json_atomic(results_file, results, indent=2)
         metrics["student_per_class"] = _variant(
             seed_dir, "per_class", seed, args.device, calibration={"per_class": True}
         )
-        write_json_atomic(args.out / "results.json", results, indent=2)
+        write_json_atomic(results_file, results, indent=2)
 
     for metric in METRICS:
         print(f"\n{metric} (points)")

@@ -204,6 +204,53 @@ def fuse(
     )
 
 
+@app.command("import-detectron2")
+def import_detectron2(
+    config: Annotated[
+        str,
+        typer.Argument(
+            help="detectron2 config: a .yaml path or a model-zoo name, e.g. "
+            "COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml"
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="model directory to write")],
+    weights: Annotated[
+        str | None,
+        typer.Option(help="model_final.pth (or a Detectron .pkl); default: the config's MODEL.WEIGHTS"),
+    ] = None,
+    categories: Annotated[
+        Path | None,
+        typer.Option(
+            help="COCO json whose categories are the label space (default: the config's dataset metadata)"
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="detectron2 config override KEY=VALUE (repeatable)")
+    ] = None,
+) -> None:
+    """Turn a detectron2 config + weights into a distill model directory (needs detectron2 installed)."""
+    try:
+        from distill.models.detectron2 import import_detectron2_model
+    except ImportError as exc:
+        raise InputError(str(exc)) from None
+    opts: list[str] = []
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. INPUT.MIN_SIZE_TEST=640")
+        opts += [key, value]
+    model_dir = import_detectron2_model(config, weights, out, opts=opts, categories_file=categories)
+    from distill.models.store import load_model
+
+    detector = load_model(model_dir)
+    c = detector.config
+    typer.echo(
+        f"imported {config} -> {model_dir}: {len(c.class_names)} classes, "
+        f"masks {'on' if c.masks else 'off'}, {len(c.keypoint_names)} keypoints, "
+        f"test size {c.test_size} (max {c.max_size})"
+    )
+
+
 @app.command()
 def evaluate(
     truth: Annotated[Path, typer.Option(help="COCO json with the true annotations")],

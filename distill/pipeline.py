@@ -239,7 +239,10 @@ def _check_same_config(config: PipelineConfig, saved: Path) -> None:
     now = config.model_dump(mode="json")
     changed: list[str] = []
     for section in sorted(set(before) | set(now)):
-        old, new = before.get(section), now.get(section)
+        old, new = (
+            _resolve_paths(config, section, before.get(section)),
+            _resolve_paths(config, section, now.get(section)),
+        )
         if section == "rounds" or old == new:
             continue
         if isinstance(old, dict) and isinstance(new, dict):
@@ -251,6 +254,20 @@ def _check_same_config(config: PipelineConfig, saved: Path) -> None:
             f"{saved.parent}: this run directory was made with another pipeline config (differs in "
             f"{', '.join(changed)}); use a new --out, or delete the directory to start over"
         )
+
+
+def _resolve_paths(config: PipelineConfig, section: str, values: Any) -> Any:
+    """``values`` (one dumped config section) with its path fields made absolute, so that the same file named
+    relatively or absolutely compares equal."""
+    model = getattr(config, section, None)
+    if not isinstance(values, dict) or model is None:
+        return values
+    return {
+        key: str(Path(value).resolve())
+        if isinstance(value, str) and isinstance(getattr(model, key, None), Path)
+        else value
+        for key, value in values.items()
+    }
 
 
 def _check_inputs(config: PipelineConfig) -> None:

@@ -153,3 +153,11 @@ def test_a_run_directory_refuses_another_config_but_accepts_more_rounds(tmp_path
     more_rounds = PipelineConfig.model_validate({"data": data, "student": {"ratio": [6, 4]}, "rounds": 3})
     with pytest.raises(InputError, match=r"data\.labeled: l\.json does not exist"):  # past the config check
         run_pipeline(more_rounds, out)
+    # the same files named by absolute paths are the same config
+    absolute = {key: str(Path(value).resolve()) for key, value in data.items()}
+    same = PipelineConfig.model_validate({"data": absolute, "student": {"ratio": [6, 4]}})
+    with pytest.raises(InputError, match=r"data\.labeled: /.*l\.json does not exist"):
+        run_pipeline(same, out)
+    moved = PipelineConfig.model_validate({"data": {**absolute, "unlabeled": "/elsewhere/u"}})
+    with pytest.raises(InputError, match=r"differs in data\.unlabeled\)"):
+        run_pipeline(moved, out)

@@ -8,6 +8,7 @@ exposes::
     dets  = det.detect(feats, batch)                    # per image, in view coordinates
     kps   = det.keypoint_logits(feats, batch, boxes)    # [R, K, S, S] heatmap logits for given boxes
     msk   = det.mask_probs(feats, batch, boxes, labels) # [R, M, M] soft masks for given boxes
+    kp    = det.decode_keypoints(logits, boxes)          # [R, K, 3] (x, y, score) from (fused) logits
 
 and ``predict`` composes them for one plain view, mapping back to original image coordinates.
 """
@@ -56,6 +57,10 @@ class Detector(Protocol):
 
     def keypoint_flip_indices(self) -> torch.Tensor | None: ...
 
+    def is_keypoint_class(self, labels: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the labels (contiguous class indices) whose class carries keypoints."""
+        ...
+
     def prepare(
         self,
         images: Sequence[torch.Tensor],
@@ -90,6 +95,11 @@ class Detector(Protocol):
         self, feats: Any, batch: PreparedBatch, boxes: list[torch.Tensor], labels: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """Soft masks ``[R, M, M]`` (probabilities of each box's own class) for the given boxes."""
+        ...
+
+    def decode_keypoints(self, logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Heatmap logits ``[R, K, S, S]`` on boxes ``[R, 4]`` -> keypoints ``[R, K, 3]`` (x, y, score), the
+        backend's own decoding (sub-pixel convention and score)."""
         ...
 
     def predict(

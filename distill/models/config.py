@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -13,8 +13,8 @@ from distill.errors import InputError
 Backbone = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
 
 
-class ModelConfig(BaseModel):
-    """A detector's architecture and label space (backend ``torchvision``).
+class LabelSpace(BaseModel):
+    """What every backend's model config shares: the label space and the plain test view.
 
     ``category_ids[i]`` is the COCO category id of contiguous class ``i`` (``class_names[i]``). Keypoints are
     predicted for the categories in ``keypoint_category_ids``; ``keypoint_flip_map`` lists left/right pairs
@@ -23,11 +23,6 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["torchvision"] = "torchvision"
-    backbone: Backbone = "resnet50"
-    norm: Literal["bn", "frozen_bn", "gn"] = Field(
-        "bn", description="backbone normalisation: trainable BatchNorm (from scratch), frozen BN, GroupNorm"
-    )
     class_names: list[str] = Field(min_length=1)
     category_ids: list[int] = Field(min_length=1)
     masks: bool = False
@@ -35,27 +30,11 @@ class ModelConfig(BaseModel):
     keypoint_flip_map: list[tuple[str, str]] = Field(default_factory=list)
     keypoint_category_ids: list[int] = Field(default_factory=list)
     keypoint_sigmas: list[float] | None = None
-    fpn_channels: int = Field(256, ge=8)
-    anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
     test_size: int = Field(800, ge=32, description="shorter side at test time (the plain single view)")
     max_size: int = Field(1333, ge=32, description="cap on the longer side")
-    train_sizes: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
-    box_head_dim: int = Field(1024, ge=8)
-    mask_head_layers: list[int] = Field(default_factory=lambda: [256, 256, 256, 256])
-    keypoint_head_layers: list[int] = Field(default_factory=lambda: [512] * 8)
-    rpn_pre_nms_top_n_train: int = Field(2000, ge=1)
-    rpn_post_nms_top_n_train: int = Field(2000, ge=1)
-    rpn_pre_nms_top_n_test: int = Field(1000, ge=1)
-    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
-    box_batch_size_per_image: int = 512
-    score_thresh: float = Field(0.05, ge=0.0, le=1.0, description="detections below are dropped")
-    nms_thresh: float = Field(0.5, gt=0.0, le=1.0)
-    detections_per_image: int = Field(100, ge=1)
-    image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
-    image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> ModelConfig:
+    def _check_consistency(self) -> Self:
         if len(self.class_names) != len(self.category_ids):
             raise ValueError(
                 f"class_names has {len(self.class_names)} entries but "
@@ -96,7 +75,7 @@ class ModelConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     @classmethod
-    def from_yaml_file(cls, path: str | Path) -> ModelConfig:
+    def from_yaml_file(cls, path: str | Path) -> Self:
         """Read and validate a config file; errors name the file and the field."""
         path = Path(path)
         try:
@@ -108,7 +87,7 @@ class ModelConfig(BaseModel):
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: object, source: str = "<config>") -> ModelConfig:
+    def from_dict(cls, raw: object, source: str = "<config>") -> Self:
         if not isinstance(raw, dict):
             raise InputError(f"{source}: expected a mapping of config fields, got {type(raw).__name__}")
         try:
@@ -117,6 +96,63 @@ class ModelConfig(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
             raise InputError(f"{source}: {where}: {first['msg']}") from None
+
+
+class ModelConfig(LabelSpace):
+    """A torchvision R-CNN: its architecture on top of the label space (backend ``torchvision``)."""
+
+    backend: Literal["torchvision"] = "torchvision"
+    backbone: Backbone = "resnet50"
+    norm: Literal["bn", "frozen_bn", "gn"] = Field(
+        "bn", description="backbone normalisation: trainable BatchNorm (from scratch), frozen BN, GroupNorm"
+    )
+    fpn_channels: int = Field(256, ge=8)
+    anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
+    train_sizes: list[int] = Field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    box_head_dim: int = Field(1024, ge=8)
+    mask_head_layers: list[int] = Field(default_factory=lambda: [256, 256, 256, 256])
+    keypoint_head_layers: list[int] = Field(default_factory=lambda: [512] * 8)
+    rpn_pre_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_post_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_pre_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
+    box_batch_size_per_image: int = 512
+    score_thresh: float = Field(0.05, ge=0.0, le=1.0, description="detections below are dropped")
+    nms_thresh: float = Field(0.5, gt=0.0, le=1.0)
+    detections_per_image: int = Field(100, ge=1)
+    image_mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+class Detectron2ModelConfig(LabelSpace):
+    """A detectron2 model: the label space here, the architecture in detectron2's own config file
+    (``detectron2_config``, next to this file in the model directory)."""
+
+    backend: Literal["detectron2"] = "detectron2"
+    detectron2_config: str = Field("detectron2.yaml", description="detectron2 CfgNode dump in the model dir")
+
+
+AnyModelConfig = ModelConfig | Detectron2ModelConfig
+_CONFIG_CLASSES: dict[str, type[LabelSpace]] = {
+    "torchvision": ModelConfig,
+    "detectron2": Detectron2ModelConfig,
+}
+
+
+def load_model_config(path: str | Path) -> AnyModelConfig:
+    """A model directory's ``config.yaml``, as the config class of its ``backend`` (default torchvision)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: model config not found") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    backend = raw.get("backend", "torchvision") if isinstance(raw, dict) else "torchvision"
+    cls = _CONFIG_CLASSES.get(backend)
+    if cls is None:
+        raise InputError(f"{path}: backend: unknown backend {backend!r}; known: {', '.join(_CONFIG_CLASSES)}")
+    return cls.from_dict(raw, source=str(path))  # type: ignore[return-value]
 
 
 def config_from_coco_categories(categories: list[dict], **overrides: object) -> ModelConfig:

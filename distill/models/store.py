@@ -1,4 +1,7 @@
-"""Model directories: ``config.yaml`` (the architecture) + ``weights.pt`` (state dict) + ``meta.json``.
+"""Model directories: ``config.yaml`` (label space, architecture) + ``weights.pt`` + ``meta.json``.
+
+A detectron2 model directory also holds ``detectron2.yaml``, detectron2's own config (the architecture);
+``config.yaml``'s ``backend`` says which backend rebuilds the model.
 
 Also the ways a model is initialised before training: ``scratch``, ``imagenet`` (torchvision weight enums,
 needs network access the first time) or a path (a model directory, a detector state dict, or a backbone
@@ -17,7 +20,7 @@ import torch
 
 from distill.errors import ModelFileError
 from distill.io import write_bytes_atomic, write_json_atomic, write_text_atomic
-from distill.models.config import ModelConfig
+from distill.models.config import Detectron2ModelConfig, ModelConfig, load_model_config
 from distill.models.torchvision import TorchvisionDetector, imagenet_weights
 
 CONFIG_FILE = "config.yaml"
@@ -28,8 +31,8 @@ _BACKENDS = {"torchvision": TorchvisionDetector}
 
 
 def list_backends() -> list[str]:
-    """Names of the registered detector backends."""
-    return sorted(_BACKENDS)
+    """Names of the detector backends (``detectron2`` needs detectron2 installed to be used)."""
+    return sorted([*_BACKENDS, "detectron2"])
 
 
 def _backend(config: ModelConfig, source: str) -> type[TorchvisionDetector]:
@@ -59,14 +62,20 @@ def build_detector(config: ModelConfig, *, device: str | torch.device = "cpu", i
     return detector
 
 
-def save_model(detector: TorchvisionDetector, directory: str | Path, *, extra: dict | None = None) -> Path:
-    """Write a model directory atomically file by file; returns the directory."""
+def save_model(detector: Any, directory: str | Path, *, extra: dict | None = None) -> Path:
+    """Write a model directory atomically file by file; returns the directory.
+
+    ``detector`` is any backend's detector: it has ``model`` (an ``nn.Module``), ``config`` and optionally
+    ``config_files()`` (more files of the architecture, name -> text).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in detector.model.state_dict().items()}, buffer)
     data = buffer.getvalue()
     write_bytes_atomic(directory / WEIGHTS_FILE, data)
+    for name, text in getattr(detector, "config_files", dict)().items():
+        write_text_atomic(directory / name, text)
     write_text_atomic(directory / CONFIG_FILE, detector.config.to_yaml())
     meta = {"backend": detector.config.backend, "weights_sha256": hashlib.sha256(data).hexdigest()}
     meta.update(extra or {})
@@ -74,17 +83,21 @@ def save_model(detector: TorchvisionDetector, directory: str | Path, *, extra: d
     return directory
 
 
-def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> TorchvisionDetector:
-    """Rebuild a detector from a model directory written by :func:`save_model`."""
+def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> Any:
+    """Rebuild a detector (of the backend its ``config.yaml`` names) from a model directory."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelFileError(
             f"{directory}: not a model directory (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
         )
-    config = ModelConfig.from_yaml_file(directory / CONFIG_FILE)
+    config = load_model_config(directory / CONFIG_FILE)
+    if isinstance(config, Detectron2ModelConfig):
+        from distill.models.detectron2 import Detectron2Detector  # imports detectron2: only when needed
+
+        return Detectron2Detector.from_directory(directory, config, device=device)
     detector = _backend(config, str(directory / CONFIG_FILE))(config, device=device)
     state = read_state_dict(directory / WEIGHTS_FILE)
-    _load_exact(detector.model, state, directory / WEIGHTS_FILE)
+    load_exact(detector.model, state, directory / WEIGHTS_FILE)
     return detector
 
 
@@ -113,7 +126,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``state`` into ``module``: every tensor by name and shape, or an error that says what differs."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -252,6 +252,10 @@ class TorchvisionDetector(nn.Module):
         probs = logits[torch.arange(len(label), device=logits.device), label].sigmoid()
         return list(probs.split([len(b) for b in boxes]))
 
+    def decode_keypoints(self, logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Heatmap logits ``[R, K, S, S]`` on boxes ``[R, 4]`` -> keypoints ``[R, K, 3]`` (x, y, score)."""
+        return decode_heatmaps(logits, boxes)
+
     @torch.inference_mode()
     def predict(
         self, images: Sequence[torch.Tensor], *, size: int | None = None, score_thresh: float | None = None
@@ -285,7 +289,7 @@ class TorchvisionDetector(nn.Module):
         for det, sel, lg in zip(dets, selected, logits, strict=True):
             keypoints = torch.zeros((len(det), num_kp, 3), device=det.boxes.device)
             if len(lg):
-                keypoints[sel] = decode_heatmaps(lg, det.boxes[sel])
+                keypoints[sel] = self.decode_keypoints(lg, det.boxes[sel])
             out.append(det.with_fields(keypoints=keypoints))
         return out
 

@@ -28,7 +28,6 @@ from typing import Any, Literal
 import torch
 
 from distill.models.base import Detector, PreparedBatch
-from distill.models.torchvision import decode_heatmaps
 from distill.structures import Detections
 from distill.tta.boxes import FusedBoxes, agreement, fuse_boxes
 from distill.tta.views import View, ViewSet
@@ -244,9 +243,9 @@ class MultiViewEngine:
         ):  # decode in the view and map back, as plain inference
             t = passes[0].batch.transforms[index]
             boxes = self._boxes_in_view(item, index, 0, passes[0])[select]
-            keypoints[select] = t.inverse_keypoints(decode_heatmaps(heatmaps, boxes), None)
+            keypoints[select] = t.inverse_keypoints(det.decode_keypoints(heatmaps, boxes), None)
         else:
-            keypoints[select] = decode_heatmaps(heatmaps, fused.boxes[select])
+            keypoints[select] = det.decode_keypoints(heatmaps, fused.boxes[select])
         return keypoints
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from distill.models.base import PreparedBatch
 from distill.models.config import ModelConfig
 from distill.models.store import load_model
+from distill.models.torchvision import decode_heatmaps
 from distill.structures import Detections
 from distill.transforms import ResizeFlip
 from distill.tta.engine import FusionConfig, MultiViewEngine
@@ -97,6 +98,9 @@ class _PerfectKeypointDetector:
 
     def is_keypoint_class(self, labels: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(labels, dtype=torch.bool)
+
+    def decode_keypoints(self, logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return decode_heatmaps(logits, boxes)
 
     def prepare(self, images, size=None, flip=False, max_size=None) -> PreparedBatch:
         h, w = images[0].shape[-2:]
