@@ -58,10 +58,18 @@ def train(
     images: Annotated[Path, typer.Option(help="folder the json's file_name entries are relative to")],
     out: Annotated[Path, typer.Option(help="model directory to write (resumes if it holds a checkpoint)")],
     config: Annotated[
-        str | None, typer.Option(help="recipe name (synth, coco) or YAML with model:/train:")
+        str | None,
+        typer.Option(
+            help="torchvision: recipe name (synth, coco) or YAML with model:/train:; detectron2: its config "
+            "(.yaml or model-zoo name)"
+        ),
     ] = None,
+    backend: Annotated[str, typer.Option(help="torchvision | detectron2")] = "torchvision",
     init: Annotated[
-        str, typer.Option(help="scratch | imagenet | PATH (model dir or state dict)")
+        str,
+        typer.Option(
+            help="scratch | imagenet (detectron2: the config's MODEL.WEIGHTS) | PATH (model dir or weights)"
+        ),
     ] = "scratch",
     iterations: Annotated[int | None, typer.Option(help="override train.iterations")] = None,
     seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
@@ -72,11 +80,22 @@ def train(
         Path | None, typer.Option(help="folder of the pseudo-labels' file names (default: --images)")
     ] = None,
     ratio: Annotated[str, typer.Option(help="labeled:pseudo images per minibatch, with --pseudo")] = "6:4",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="detectron2 config override KEY=VALUE (repeatable)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Train a detector on a COCO dataset (with --pseudo: a student on labeled + pseudo-labeled images)."""
     from distill.workflow import train_model, train_student
 
+    if backend not in ("torchvision", "detectron2"):
+        raise InputError(f"--backend {backend!r}: expected torchvision or detectron2")
+    if backend == "detectron2":
+        _train_detectron2(train_json, images, out, config, init, iterations, seed, pseudo, pseudo_images,
+                          ratio, _parse_sets(set_), device)  # fmt: skip
+        return
+    if set_:
+        raise InputError("--set is for --backend detectron2 (torchvision recipes take a YAML file)")
     overrides = {k: v for k, v in {"iterations": iterations, "seed": seed}.items() if v is not None}
     if pseudo is None:
         result = train_model(
@@ -109,6 +128,48 @@ def train(
         f"{result.final_losses.get('total', float('nan')):.3f}"
     )
     typer.echo(f"model: {out}")
+
+
+def _train_detectron2(train_json, images, out, config, init, iterations, seed, pseudo, pseudo_images, ratio,
+                      opts, device) -> None:  # fmt: skip
+    if config is None:
+        raise InputError("--backend detectron2 needs --config: a detectron2 .yaml or a model-zoo config name")
+    try:
+        from distill.models.detectron2 import load_cfg
+        from distill.train.detectron2 import train_detectron2
+    except ImportError as exc:
+        raise InputError(str(exc)) from None
+    result = train_detectron2(
+        load_cfg(config, opts),
+        train_json,
+        images,
+        out,
+        pseudo_json=pseudo,
+        pseudo_images=pseudo_images or images,
+        ratio=_parse_ratio(ratio),
+        init=init,
+        iterations=iterations,
+        seed=seed or 0,
+        device=_device(device),
+        progress=_train_progress(),
+    )
+    typer.echo(
+        f"trained {result.iterations} iterations in {result.seconds / 60:.1f} min; loss "
+        f"{result.first_losses.get('total_loss', float('nan')):.3f} -> "
+        f"{result.final_losses.get('total_loss', float('nan')):.3f}"
+    )
+    typer.echo(f"model: {out}")
+
+
+def _parse_sets(items: list[str] | None) -> list[str]:
+    """``KEY=VALUE`` options -> detectron2's flat override list."""
+    opts: list[str] = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. INPUT.MIN_SIZE_TEST=640")
+        opts += [key, value]
+    return opts
 
 
 @app.command()
@@ -233,13 +294,9 @@ def import_detectron2(
         from distill.models.detectron2 import import_detectron2_model
     except ImportError as exc:
         raise InputError(str(exc)) from None
-    opts: list[str] = []
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. INPUT.MIN_SIZE_TEST=640")
-        opts += [key, value]
-    model_dir = import_detectron2_model(config, weights, out, opts=opts, categories_file=categories)
+    model_dir = import_detectron2_model(
+        config, weights, out, opts=_parse_sets(set_), categories_file=categories
+    )
     from distill.models.store import load_model
 
     detector = load_model(model_dir)

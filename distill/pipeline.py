@@ -302,6 +302,10 @@ def _teacher_iterations(config: PipelineConfig) -> int:
 
     if config.teacher.iterations is not None:
         return config.teacher.iterations
+    if config.teacher.model is not None:  # a given teacher: its own schedule when its meta.json has it
+        trained = read_meta(config.teacher.model).get("training", {}).get("iterations")
+        if trained:
+            return int(trained)
     return TrainConfig.model_validate(load_recipe(config.teacher.recipe)["train"]).iterations
 
 
@@ -411,6 +415,25 @@ def _train_student(
     init = str(teacher_dir) if spec.init == "teacher" else spec.init
     mix = f"{spec.ratio[0]:g}:{spec.ratio[1]:g}"
     echo(f"training the student ({iterations} iterations, labeled:pseudo = {mix})")
+    if read_meta(teacher_dir).get("backend") == "detectron2":
+        # the student is the teacher's detectron2 architecture, re-initialised, trained by detectron2
+        from distill.train.detectron2 import read_cfg_of_model, train_detectron2
+
+        train_detectron2(
+            read_cfg_of_model(teacher_dir),
+            config.data.labeled,
+            config.data.labeled_images,
+            student_dir,
+            pseudo_json=round_dir / "pseudo.json",
+            pseudo_images=config.data.unlabeled_images or _images_root(config.data.unlabeled),
+            ratio=spec.ratio,
+            init=init,
+            iterations=iterations,
+            seed=config.seed,
+            device=device,
+            progress=progress,
+        )
+        return iterations
     train_student(
         config.data.labeled,
         config.data.labeled_images,

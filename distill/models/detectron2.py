@@ -38,7 +38,6 @@ try:
     from detectron2.data.transforms import ResizeShortestEdge
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, ImageList
-    from detectron2.structures.keypoints import heatmaps_to_keypoints
 except ImportError as exc:  # pragma: no cover - exercised only without detectron2
     raise ImportError(
         "the detectron2 backend needs detectron2, which is not on PyPI: install it from its git source "
@@ -46,6 +45,36 @@ except ImportError as exc:  # pragma: no cover - exercised only without detectro
     ) from exc
 
 DETECTRON2_CONFIG_FILE = "detectron2.yaml"
+
+
+def decode_heatmaps_detectron2(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Heatmap logits ``[R, K, S, S]`` on boxes ``[R, 4]`` -> ``[R, K, 3]`` (x, y, score), as detectron2's
+    ``keypoint_rcnn_inference`` decodes them, computed stably.
+
+    Each map is resized (bicubic) to the box's pixel size; the argmax pixel ``d`` becomes ``d + 0.5`` scaled
+    back to the box; the score is detectron2's: the peak's softmax probability over the *pooled* map,
+    ``exp(peak - logsumexp(map))``, capped at 1. (detectron2's own function exponentiates without the
+    log-sum-exp and asserts, which fails on the huge logits of a barely trained model.)
+    """
+    num, num_kp = maps.shape[:2]
+    out = maps.new_zeros((num, num_kp, 3))
+    if num == 0:
+        return out
+    widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
+    heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)
+    widths_ceil, heights_ceil = widths.ceil(), heights.ceil()
+    pooled_lse = maps.flatten(2).logsumexp(2)  # [R, K]
+    for i in range(num):
+        size = (int(heights_ceil[i]), int(widths_ceil[i]))
+        roi_map = F.interpolate(maps[i : i + 1], size=size, mode="bicubic", align_corners=False)[0]
+        peak, position = roi_map.flatten(1).max(1)
+        x_int = position % size[1]
+        y_int = torch.div(position, size[1], rounding_mode="floor")
+        out[i, :, 0] = (x_int.float() + 0.5) * (widths[i] / widths_ceil[i]) + boxes[i, 0]
+        out[i, :, 1] = (y_int.float() + 0.5) * (heights[i] / heights_ceil[i]) + boxes[i, 1]
+        # bicubic overshoot can lift the peak above the pooled log-sum-exp: a probability stays <= 1
+        out[i, :, 2] = (peak - pooled_lse[i]).clamp(max=0.0).exp()
+    return out
 
 
 def model_zoo_config(name: str) -> Path:
@@ -191,6 +220,7 @@ class Detectron2Detector(nn.Module):
             )
         self.device = torch.device(device)
         cfg = cfg.clone()
+        cfg.defrost()
         cfg.MODEL.DEVICE = str(self.device)
         cfg.freeze()
         self.cfg = cfg
@@ -424,10 +454,8 @@ class Detectron2Detector(nn.Module):
         return list(probs.split([len(b) for b in boxes]))
 
     def decode_keypoints(self, logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """detectron2's own decoding: ``(x, y, score)`` with its +0.5 pixel convention and softmax score."""
-        if len(boxes) == 0:
-            return torch.zeros((0, logits.shape[1], 3), device=logits.device)
-        return heatmaps_to_keypoints(logits, boxes)[:, :, [0, 1, 3]]
+        """detectron2's decoding: ``(x, y, score)`` with its +0.5 pixel convention and softmax score."""
+        return decode_heatmaps_detectron2(logits, boxes)
 
     @torch.inference_mode()
     def predict(
@@ -519,6 +547,7 @@ def import_detectron2_model(
 __all__ = [
     "DETECTRON2_CONFIG_FILE",
     "Detectron2Detector",
+    "decode_heatmaps_detectron2",
     "import_detectron2_model",
     "init_norm_statistics",
     "label_space_from_cfg",

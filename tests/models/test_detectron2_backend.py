@@ -9,6 +9,7 @@ finite detections to compare.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -35,6 +36,7 @@ from distill.tta.views import ViewSet, parse_views
 pytestmark = [
     pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning:detectron2"),
 ]
 
 SMALL = [
@@ -237,3 +239,152 @@ def test_import_then_multi_view_predict_through_the_cli(
     results = json.loads((tmp_path / "R.json").read_text())
     assert {r["image_id"] for r in results} == {1, 2}
     assert all(len(r["keypoints"]) == 51 and r["category_id"] == 1 for r in results)
+
+
+# -- training ------------------------------------------------------------------------------------------------
+TRAIN = [
+    "INPUT.MIN_SIZE_TRAIN", "(128,)",
+    "INPUT.MAX_SIZE_TRAIN", "192",
+    "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "192",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "200",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64",
+    "SOLVER.BASE_LR", "0.001",
+    "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+    "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0",
+    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.WEIGHTS", "",
+]  # fmt: skip
+
+
+def test_the_ratio_loader_mixes_labeled_and_pseudo_and_keeps_negatives(tiny_data: Path) -> None:
+    from distill.data.coco import load_coco
+    from distill.models.config import config_from_coco_categories
+    from distill.train import detectron2 as d2train
+
+    labeled = load_coco(tiny_data / "labeled.json")
+    # the unlabeled split's truth as 'pseudo-labels', with the instances of a few images removed (negatives)
+    pseudo = json.loads((tiny_data / "unlabeled_truth.json").read_text())
+    negatives = {image["id"] for image in pseudo["images"][:3]}
+    pseudo["annotations"] = [a for a in pseudo["annotations"] if a["image_id"] not in negatives]
+    pseudo_file = tiny_data.parent / f"{tiny_data.name}_pseudo_negatives.json"
+    pseudo_file.write_text(json.dumps(pseudo))
+
+    space = config_from_coco_categories(labeled.categories)
+    cfg = d2train._training_cfg(load_cfg(KEYPOINT_CONFIG, TRAIN), space, tiny_data, 10, 5, None, 0, "cpu")
+    names = [
+        d2train._register(tiny_data / "labeled.json", tiny_data / "images", space, "labeled"),
+        d2train._register(pseudo_file, tiny_data / "images", space, "pseudo"),
+    ]
+    cfg.defrost()
+    cfg.DATASETS.TRAIN = tuple(names)
+    cfg.freeze()
+    loader = iter(d2train._data_loader(cfg, names, (6, 4), 0, 0))
+    pseudo_files = {image["file_name"] for image in pseudo["images"]}
+    negative_files = {image["file_name"] for image in pseudo["images"] if image["id"] in negatives}
+    counts, seen_negative = [0, 0], False
+    for _ in range(10):
+        for item in next(loader):
+            name = Path(item["file_name"]).relative_to((tiny_data / "images").resolve()).as_posix()
+            counts[name in pseudo_files] += 1
+            seen_negative |= name in negative_files
+            assert item["instances"].has("gt_keypoints") or len(item["instances"]) == 0
+    assert counts == [30, 20]
+    assert seen_negative, "pseudo-label images without instances must stay in the training set"
+
+
+def test_a_short_training_run_lowers_the_loss_saves_a_model_and_resumes(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from distill.train.detectron2 import train_detectron2
+
+    cfg = load_cfg(MASK_CONFIG, TRAIN)
+    losses: list[float] = []
+    out = tmp_path / "student"
+    result = train_detectron2(
+        cfg,
+        tiny_data / "labeled.json",
+        tiny_data / "images",
+        out,
+        pseudo_json=tiny_data / "unlabeled_truth.json",
+        init="scratch",
+        iterations=16,
+        batch_size=2,
+        progress=lambda p: losses.append(p.losses["total_loss"]),
+    )
+    assert len(losses) == 16 and all(map(math.isfinite, losses))
+    assert sum(losses[-4:]) < sum(losses[:4])
+    detector = load_model(out)
+    assert isinstance(detector, Detectron2Detector) and detector.config.class_names == [
+        c["name"] for c in json.loads((tiny_data / "labeled.json").read_text())["categories"]
+    ]
+    assert len(detector.config.class_names) == detector.cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    assert (out / "checkpoints" / "model_final.pth").is_file()
+    weights = (out / "weights.pt").read_bytes()
+    again = train_detectron2(
+        cfg, tiny_data / "labeled.json", tiny_data / "images", out,
+        pseudo_json=tiny_data / "unlabeled_truth.json", init="scratch", iterations=16, batch_size=2,
+    )  # fmt: skip
+    assert again.iterations == result.iterations and (out / "weights.pt").read_bytes() == weights
+
+
+def test_distill_run_with_a_detectron2_teacher_trains_a_detectron2_student(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from distill.pipeline import PipelineConfig, run_pipeline
+    from distill.train.detectron2 import train_detectron2
+
+    teacher = tmp_path / "teacher"
+    cfg = load_cfg(KEYPOINT_CONFIG, [*TRAIN, "MODEL.MASK_ON", "True"])
+    train_detectron2(
+        cfg,
+        tiny_data / "labeled.json",
+        tiny_data / "images",
+        teacher,
+        init="scratch",
+        iterations=4,
+        batch_size=2,
+    )
+    config = PipelineConfig.model_validate(
+        {
+            "data": {
+                "labeled": tiny_data / "labeled.json",
+                "labeled_images": tiny_data / "images",
+                "unlabeled": tiny_data / "unlabeled.json",
+                "unlabeled_images": tiny_data / "images",
+                "test": tiny_data / "test.json",
+                "test_images": tiny_data / "images",
+            },
+            "teacher": {"model": teacher},
+            "inference": {"views": "1x:flip", "max_detections": 20},
+            "student": {"iterations": 4},
+        }
+    )
+    summary = run_pipeline(config, tmp_path / "run", echo=lambda _: None)
+    round_1 = summary["rounds"][0]
+    student = load_model(round_1["student"])
+    assert isinstance(student, Detectron2Detector) and student.has_keypoints and student.has_masks
+    meta = json.loads((Path(round_1["student"]) / "meta.json").read_text())
+    assert meta["training"]["backend"] == "detectron2" and meta["training"]["ratio"] == [6.0, 4.0]
+    assert meta["training"]["pseudo"].endswith("pseudo.json")
+    pseudo = json.loads((tmp_path / "run" / "round_1" / "pseudo.json").read_text())
+    assert len(pseudo["images"]) == len(json.loads((tiny_data / "unlabeled.json").read_text())["images"])
+    assert set(round_1["metrics"]["student"]) >= {"bbox", "segm", "keypoints"}
+
+
+def test_keypoint_decoding_equals_detectron2s_and_survives_huge_logits() -> None:
+    from detectron2.structures.keypoints import heatmaps_to_keypoints
+
+    from distill.models.detectron2 import decode_heatmaps_detectron2
+
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(5, 17, 56, 56, generator=generator) * 3
+    boxes = torch.tensor(
+        [[10.0, 20, 60, 90], [0, 0, 5.5, 7.2], [30, 30, 230, 130], [1, 2, 3, 4], [7, 7, 57, 57]]
+    )
+    ours = decode_heatmaps_detectron2(maps, boxes)
+    theirs = heatmaps_to_keypoints(maps, boxes)[:, :, [0, 1, 3]]
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+    huge = decode_heatmaps_detectron2(maps * 1e4, boxes)  # detectron2's own asserts here (exp overflow)
+    assert torch.isfinite(huge).all() and (huge[..., 2] <= 1).all()
