@@ -52,6 +52,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the view sizes and test size")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--parts", default="mask,keypoint", help="which parts to run: mask, keypoint")
+    parser.add_argument(
+        "--keypoint-top-k",
+        type=int,
+        default=None,
+        help="fused boxes the keypoint heads run on (default: the config's TEST.DETECTIONS_PER_IMAGE)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -164,11 +171,15 @@ def _keypoint_cost(args: argparse.Namespace, images: list[torch.Tensor]) -> dict
     cfg = _cfg(KEYPOINT_CONFIG, args.keypoint_weights, args.scale, args.device)
     detector = _detector(cfg, images, args.device)
     views = _views(cfg)
-    heads = MultiViewEngine(detector, views, _fusion(cfg))
-    box_only = MultiViewEngine(detector, views, dataclasses.replace(_fusion(cfg), heads=False))
+    fusion = _fusion(cfg)
+    if args.keypoint_top_k is not None:
+        fusion = dataclasses.replace(fusion, max_detections=args.keypoint_top_k)
+    heads = MultiViewEngine(detector, views, fusion)
+    box_only = MultiViewEngine(detector, views, dataclasses.replace(fusion, heads=False))
     t_box, _ = _timed(lambda: box_only.predict(images), args.repeats)
     t_kp, _ = _timed(lambda: heads.predict(images), args.repeats)
     return {
+        "top_k": fusion.max_detections,
         "box_only_s_per_image": t_box / len(images),
         "with_keypoints_s_per_image": t_kp / len(images),
         "keypoints_over_box_only": t_kp / t_box,
@@ -192,20 +203,31 @@ def main(args: argparse.Namespace) -> None:
     images = [image_to_tensor(load_image(p)) for p in paths]
     report: dict[str, object] = {"images": len(images), "scale": args.scale, "device": args.device}
 
-    report["mask_rcnn"] = _versus_detectron2_tta(args, images)
-    report["keypoint_rcnn"] = _keypoint_cost(args, images)
-
-    m, k = report["mask_rcnn"], report["keypoint_rcnn"]
-    print(f"{len(images)} images, {m['views']} views (sizes x{args.scale}), {args.device}")
-    print(f"Mask R-CNN   detectron2 TTA {m['detectron2_tta_s_per_image']:.2f} s/img | distill "
-          f"{m['distill_s_per_image']:.2f} s/img (batch 1: {m['distill_batch1_s_per_image']:.2f}) | "
-          f"speedup {m['speedup']:.2f}x (batch 1: {m['speedup_batch1']:.2f}x)")  # fmt: skip
-    print(f"  boxes: detectron2 {m['boxes_detectron2']}, distill {m['boxes_distill']}; detectron2's boxes "
-          f"matched at IoU>=0.5 {m['matched_iou_0.5']:.1%}, >=0.9 {m['matched_iou_0.9']:.1%}; median "
-          f"relative score difference {m['median_relative_score_diff']:.2%}")  # fmt: skip
-    print(f"Keypoint R-CNN  box-only {k['box_only_s_per_image']:.2f} s/img | with keypoint fusion "
-          f"{k['with_keypoints_s_per_image']:.2f} s/img | "
-          f"ratio {k['keypoints_over_box_only']:.2f}")  # fmt: skip
+    parts = set(args.parts.split(","))
+    print(f"{len(images)} images, sizes x{args.scale}, {args.device}", flush=True)
+    if "mask" in parts:
+        m = report["mask_rcnn"] = _versus_detectron2_tta(args, images)
+        lines = [
+            f"Mask R-CNN, {m['views']} views: detectron2 TTA {m['detectron2_tta_s_per_image']:.2f} s/img",
+            f"distill {m['distill_s_per_image']:.2f} s/img (one image at a time "
+            f"{m['distill_batch1_s_per_image']:.2f})",
+            f"speedup {m['speedup']:.2f}x (one image at a time {m['speedup_batch1']:.2f}x)",
+        ]
+        print(" | ".join(lines), flush=True)
+        print(
+            f"  boxes: detectron2 {m['boxes_detectron2']}, distill {m['boxes_distill']}; detectron2's boxes "
+            f"matched at IoU>=0.5 {m['matched_iou_0.5']:.1%}, >=0.9 {m['matched_iou_0.9']:.1%}; "
+            f"median relative score difference {m['median_relative_score_diff']:.2%}",
+            flush=True,
+        )
+    if "keypoint" in parts:
+        k = report["keypoint_rcnn"] = _keypoint_cost(args, images)
+        lines = [
+            f"Keypoint R-CNN, heads on the top {k['top_k']}: box-only {k['box_only_s_per_image']:.2f} s/img",
+            f"with keypoint fusion {k['with_keypoints_s_per_image']:.2f} s/img",
+            f"ratio {k['keypoints_over_box_only']:.2f}",
+        ]
+        print(" | ".join(lines), flush=True)
     print(json.dumps(report))
 
 

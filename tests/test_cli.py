@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import TINY_MODEL
 
-COMMANDS = ["synth", "train", "predict", "fuse", "evaluate", "calibrate", "run", "demo"]
+COMMANDS = ["synth", "train", "predict", "fuse", "evaluate", "calibrate", "run", "demo", "import-detectron2"]
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -50,6 +50,25 @@ def test_bad_input_exits_2_with_one_line_reason(tmp_path: Path) -> None:
 
     proc = run("train", "--bogus", check=False)
     assert proc.returncode == 2
+
+    proc = run("train", "--train", "l.json", "--images", "i", "--out", "m", "--backend", "mmdet", check=False)
+    assert proc.returncode == 2 and "--backend 'mmdet': expected torchvision or detectron2" in proc.stderr
+    proc = run("train", "--train", "l.json", "--images", "i", "--out", "m", "--set", "A=1", check=False)
+    assert proc.returncode == 2 and "--set is for --backend detectron2" in proc.stderr
+
+
+def test_detectron2_commands_say_how_to_get_detectron2_when_it_is_missing(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here")
+    proc = run("import-detectron2", "x.yaml", "--out", str(tmp_path / "m"), check=False)
+    assert proc.returncode == 2 and "needs detectron2, which is not on PyPI" in proc.stderr
+    proc = run(
+        "train", "--backend", "detectron2", "--config", "x.yaml", "--train", "l.json", "--images", "i",
+        "--out", str(tmp_path / "m"), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "needs detectron2" in proc.stderr
 
 
 @pytest.mark.slow

@@ -92,7 +92,10 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
         )
     config = load_model_config(directory / CONFIG_FILE)
     if isinstance(config, Detectron2ModelConfig):
-        from distill.models.detectron2 import Detectron2Detector  # imports detectron2: only when needed
+        try:
+            from distill.models.detectron2 import Detectron2Detector  # imports detectron2: only when needed
+        except ImportError as exc:
+            raise ModelFileError(f"{directory}: a detectron2 model, and {exc}") from None
 
         return Detectron2Detector.from_directory(directory, config, device=device)
     detector = _backend(config, str(directory / CONFIG_FILE))(config, device=device)

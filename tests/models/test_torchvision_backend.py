@@ -121,3 +121,20 @@ def test_mobilenet_and_resnet50_build_and_run(tiny_config: ModelConfig) -> None:
         det = TorchvisionDetector(cfg)
         out = det.predict([torch.rand(3, 96, 112)])
         assert len(out) == 1 and out[0].boxes.shape[1] == 4
+
+
+def test_a_detectron2_model_directory_without_detectron2_says_what_is_missing(tmp_path: Path) -> None:
+    import importlib.util
+
+    from distill.errors import ModelFileError
+    from distill.models.config import Detectron2ModelConfig, load_model_config
+
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here")
+    config = Detectron2ModelConfig(class_names=["person"], category_ids=[1], test_size=640)
+    (tmp_path / "config.yaml").write_text(config.to_yaml())
+    assert load_model_config(tmp_path / "config.yaml") == config
+    with pytest.raises(
+        ModelFileError, match=r"a detectron2 model, and the detectron2 backend needs detectron2"
+    ):
+        load_model(tmp_path)
