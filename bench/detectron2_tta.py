@@ -2,16 +2,17 @@
 
     python bench/detectron2_tta.py [--weights model_final.pth] [--images 4] [--scale 1.0]
 
-Needs detectron2 (not on PyPI; see the README). Two parts:
+Needs detectron2 (not on PyPI; see the README). Three parts (``--parts``):
 
-1. Mask R-CNN R50-FPN: distill's engine (fusion = NMS at the config's NMS_THRESH_TEST and
+1. ``mask``: Mask R-CNN R50-FPN, distill's engine (fusion = NMS at the config's NMS_THRESH_TEST and
    DETECTIONS_PER_IMAGE, as detectron2 merges) vs ``detectron2.modeling.GeneralizedRCNNWithTTA`` on the
    views 400..1200 step 100, each with and without flip (``--scale`` multiplies the sizes: 0.25 gives
-   100..300 for a CPU run).
-   Throughput ratio, and how well the merged boxes agree: the share of detectron2's boxes that distill also
-   has (same class) at IoU >= 0.5 / 0.9, and the relative difference in their scores.
-2. Keypoint R-CNN R50-FPN (detectron2's TTA refuses keypoints): distill's multi-view with keypoint fusion vs
-   the same engine box-only.
+   100..300 for a CPU run): throughput, and distill box-only for the heads' share.
+2. ``agreement``: how well the merged boxes agree when both see the same pixels one image at a time: the
+   share of detectron2's boxes that distill also has (same class) at IoU >= 0.5 / 0.9, and the relative
+   difference of their scores.
+3. ``keypoint``: Keypoint R-CNN R50-FPN (detectron2's TTA refuses keypoints): distill's multi-view with
+   keypoint fusion vs the same engine box-only.
 
 Without ``--weights`` the models are random (norm statistics set from the images so detections are finite);
 timings hold, agreement then compares two runs of the same random model. Images: ``--images`` photos of
@@ -52,7 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the view sizes and test size")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--parts", default="mask,keypoint", help="which parts to run: mask, keypoint")
+    parser.add_argument(
+        "--parts", default="mask,agreement,keypoint", help="which parts to run: mask, agreement, keypoint"
+    )
     parser.add_argument(
         "--keypoint-top-k",
         type=int,
@@ -132,11 +135,13 @@ def _agreement(ours, theirs) -> dict[str, float]:
     }
 
 
-def _tta_inputs(images: list[torch.Tensor], cfg) -> list[dict]:
-    """What DefaultPredictor hands the model: uint8 pixels in the config's channel order, original size."""
+def _tta_inputs(images: list[torch.Tensor], cfg, *, exact: bool) -> list[dict]:
+    """Original-size images in the config's channel order: uint8 as DefaultPredictor gives them, or
+    (``exact``) the float pixels distill resizes, so that both resize the same values the same way."""
     inputs = []
     for image in images:
-        array = (image * 255).round().byte().permute(1, 2, 0).numpy()
+        pixels = image.permute(1, 2, 0) * 255
+        array = pixels.numpy().astype(np.float32) if exact else pixels.round().byte().numpy()
         if cfg.INPUT.FORMAT == "BGR":
             array = array[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(array).transpose(2, 0, 1))
@@ -151,20 +156,43 @@ def _versus_detectron2_tta(args: argparse.Namespace, images: list[torch.Tensor])
     detector = _detector(cfg, images, args.device)
     views = _views(cfg)
     engine = MultiViewEngine(detector, views, _fusion(cfg))
+    box_only = MultiViewEngine(detector, views, dataclasses.replace(_fusion(cfg), heads=False))
     tta = GeneralizedRCNNWithTTA(cfg, detector.model)
-    inputs = _tta_inputs(images, cfg)
-    t_tta, theirs = _timed(lambda: [r["instances"] for r in tta(inputs)], args.repeats)
-    t_ours, fused = _timed(lambda: engine.predict(images), args.repeats)
+    # timing: each as its users run it (detectron2 gets uint8 pixels and resizes them with PIL)
+    t_tta, _ = _timed(lambda: tta(_tta_inputs(images, cfg, exact=False)), args.repeats)
+    t_ours, _ = _timed(lambda: engine.predict(images), args.repeats)
     t_ours_1, _ = _timed(lambda: [engine.predict([image]) for image in images], args.repeats)
+    t_box, _ = _timed(lambda: box_only.predict(images), args.repeats)
     return {
         "views": len(views),
         "detectron2_tta_s_per_image": t_tta / len(images),
         "distill_s_per_image": t_ours / len(images),
         "distill_batch1_s_per_image": t_ours_1 / len(images),
+        "distill_box_only_s_per_image": t_box / len(images),
         "speedup": t_tta / t_ours,
         "speedup_batch1": t_tta / t_ours_1,
-        **_agreement([f.detections for f in fused], theirs),
     }
+
+
+def _merge_agreement(args: argparse.Namespace, images: list[torch.Tensor]) -> dict:
+    """Identical resized pixels (float input: detectron2 resizes it with torch's plain bilinear, as distill
+    does without antialiasing) and one image, one view per forward on both sides (batching pads to the
+    largest image, and padding changes the features near a border), so that only the merging differs."""
+    from detectron2.modeling import GeneralizedRCNNWithTTA
+
+    cfg = _cfg(MASK_CONFIG, args.weights, args.scale, args.device)
+    detector = _detector(cfg, images, args.device)
+    detector.antialias = False
+    views = _views(cfg)
+    single = GeneralizedRCNNWithTTA(cfg, detector.model, batch_size=1)
+    theirs = [single(_tta_inputs([image], cfg, exact=True))[0]["instances"] for image in images]
+    ours = [engine_single_view_batches(detector, views, _fusion(cfg), image) for image in images]
+    return _agreement(ours, theirs)
+
+
+def engine_single_view_batches(detector, views: ViewSet, fusion: FusionConfig, image: torch.Tensor):
+    """distill's fused detections of one image (each view then is a batch of one)."""
+    return MultiViewEngine(detector, views, fusion).predict([image])[0].detections
 
 
 def _keypoint_cost(args: argparse.Namespace, images: list[torch.Tensor]) -> dict:
@@ -209,15 +237,19 @@ def main(args: argparse.Namespace) -> None:
         m = report["mask_rcnn"] = _versus_detectron2_tta(args, images)
         lines = [
             f"Mask R-CNN, {m['views']} views: detectron2 TTA {m['detectron2_tta_s_per_image']:.2f} s/img",
+            f"distill box-only {m['distill_box_only_s_per_image']:.2f} s/img",
             f"distill {m['distill_s_per_image']:.2f} s/img (one image at a time "
             f"{m['distill_batch1_s_per_image']:.2f})",
             f"speedup {m['speedup']:.2f}x (one image at a time {m['speedup_batch1']:.2f}x)",
         ]
         print(" | ".join(lines), flush=True)
+    if "agreement" in parts:
+        a = report["agreement"] = _merge_agreement(args, images)
         print(
-            f"  boxes: detectron2 {m['boxes_detectron2']}, distill {m['boxes_distill']}; detectron2's boxes "
-            f"matched at IoU>=0.5 {m['matched_iou_0.5']:.1%}, >=0.9 {m['matched_iou_0.9']:.1%}; "
-            f"median relative score difference {m['median_relative_score_diff']:.2%}",
+            f"Merged boxes, same pixels, one image per forward: detectron2 {a['boxes_detectron2']}, distill "
+            f"{a['boxes_distill']}; detectron2's boxes matched at IoU>=0.5 {a['matched_iou_0.5']:.1%}, "
+            f">=0.9 {a['matched_iou_0.9']:.1%}; median relative score difference "
+            f"{a['median_relative_score_diff']:.2%}",
             flush=True,
         )
     if "keypoint" in parts:

@@ -95,8 +95,10 @@ def main(args: argparse.Namespace) -> None:
             "student": round_1["metrics"]["student"],
             "baseline": _baseline(seed_dir, seed, round_1["student_iterations"], args.device),
         }
-        previous = results.get(seed, {}).get("metrics", {})
-        results[seed] = {"metrics": {**previous, **metrics}, "minutes": summary["minutes"]}
+        previous = results.get(seed, {})
+        # a resumed seed's summary times only what ran now: keep the first complete run's minutes
+        minutes = previous.get("minutes") or summary["minutes"]
+        results[seed] = {"metrics": {**previous.get("metrics", {}), **metrics}, "minutes": minutes}
         write_json_atomic(results_file, results, indent=2)
         print(f"seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     for seed in args.variants_seeds:  # after every seed's main comparison

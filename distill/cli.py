@@ -155,8 +155,8 @@ def _train_detectron2(train_json, images, out, config, init, iterations, seed, p
     )
     typer.echo(
         f"trained {result.iterations} iterations in {result.seconds / 60:.1f} min; loss "
-        f"{result.first_losses.get('total_loss', float('nan')):.3f} -> "
-        f"{result.final_losses.get('total_loss', float('nan')):.3f}"
+        f"{result.first_losses.get('total', float('nan')):.3f} -> "
+        f"{result.final_losses.get('total', float('nan')):.3f}"
     )
     typer.echo(f"model: {out}")
 

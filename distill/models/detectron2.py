@@ -225,6 +225,9 @@ class Detectron2Detector(nn.Module):
         cfg.freeze()
         self.cfg = cfg
         self.config = config
+        # resize with antialiasing, like the PIL resize of detectron2's uint8 data pipeline; False gives the
+        # plain bilinear resize detectron2 applies to float images
+        self.antialias = True
         self.model = build_model(cfg)
         self.model.eval()
         kp_classes = [config.category_ids.index(c) for c in config.keypoint_category_ids]
@@ -352,9 +355,8 @@ class Detectron2Detector(nn.Module):
         if self.cfg.INPUT.FORMAT == "BGR":
             x = x.flip(0)
         if (new_h, new_w) != (h, w):
-            # antialiased like the PIL resize detectron2's data pipeline uses
             x = F.interpolate(
-                x[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+                x[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=self.antialias
             )[0]
         return x, ResizeFlip(h, w, new_h, new_w, flip)
 
@@ -424,7 +426,7 @@ class Detectron2Detector(nn.Module):
             [feats[f] for f in heads.keypoint_in_features], [Boxes(b) for b in boxes]
         )
         if len(pooled) == 0:
-            size = 2 * heads.keypoint_pooler.output_size[0] * heads.keypoint_head.up_scale
+            size = int(2 * heads.keypoint_pooler.output_size[0] * heads.keypoint_head.up_scale)
             empty = pooled.new_zeros((0, len(self.config.keypoint_names), size, size))
             return [empty for _ in boxes]
         return list(heads.keypoint_head.layers(pooled).split([len(b) for b in boxes]))

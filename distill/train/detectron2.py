@@ -306,11 +306,11 @@ class _Record(HookBase):
 
     def after_step(self) -> None:
         storage = self.trainer.storage
-        losses = {
-            k: float(v.latest())
-            for k, v in storage.histories().items()
-            if k.startswith("loss") or k == "total_loss"
-        }
+        histories = storage.histories()
+        # distill's names: "total" and detectron2's loss_* terms
+        losses = {k: float(v.latest()) for k, v in histories.items() if k.startswith("loss")}
+        if "total_loss" in histories:
+            losses["total"] = float(histories["total_loss"].latest())
         if not self.first:
             self.first = losses
         self.last = losses
