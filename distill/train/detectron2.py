@@ -133,6 +133,9 @@ def train_detectron2(
         ]
     )
     started = time.perf_counter()
+    finished = _finished_run(out_dir, cfg.SOLVER.MAX_ITER)
+    if start_iter >= cfg.SOLVER.MAX_ITER and finished is not None:
+        return finished  # complete already: keep its model directory and record as they are
     if start_iter < cfg.SOLVER.MAX_ITER:
         try:
             trainer.train(start_iter, cfg.SOLVER.MAX_ITER)
@@ -164,6 +167,21 @@ def train_detectron2(
         },
     )
     return result
+
+
+def _finished_run(out_dir: Path, iterations: int) -> Detectron2TrainResult | None:
+    """The record of a complete run in ``out_dir`` (its ``meta.json``), if there is one of this length."""
+    from distill.models.store import read_meta
+
+    training = read_meta(out_dir).get("training", {})
+    if not (out_dir / "weights.pt").is_file() or training.get("iterations") != iterations:
+        return None
+    return Detectron2TrainResult(
+        iterations=iterations,
+        first_losses=training.get("first_loss", {}),
+        final_losses=training.get("final_loss", {}),
+        seconds=float(training.get("seconds", 0.0)),
+    )
 
 
 def _training_cfg(
@@ -253,9 +271,14 @@ def _data_loader(cfg: CfgNode, names: list[str], ratio: tuple[float, float], see
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=_Batches(sampler, start_iter),
-        collate_fn=lambda batch: batch,
+        collate_fn=_as_list,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    """detectron2 models take a list of dataset dicts (a module-level function: picklable for workers)."""
+    return batch
 
 
 class _Batches:

@@ -328,6 +328,7 @@ def test_a_short_training_run_lowers_the_loss_saves_a_model_and_resumes(
         pseudo_json=tiny_data / "unlabeled_truth.json", init="scratch", iterations=16, batch_size=2,
     )  # fmt: skip
     assert again.iterations == result.iterations and (out / "weights.pt").read_bytes() == weights
+    assert again.final_losses == result.final_losses  # the complete run's record is kept, not overwritten
 
 
 def test_distill_run_with_a_detectron2_teacher_trains_a_detectron2_student(
