@@ -122,12 +122,7 @@ def train(
             train_overrides=overrides,
             progress=_train_progress(),
         )
-    typer.echo(
-        f"trained {result.iterations} iterations in {result.seconds / 60:.1f} min; loss "
-        f"{result.first_losses.get('total', float('nan')):.3f} -> "
-        f"{result.final_losses.get('total', float('nan')):.3f}"
-    )
-    typer.echo(f"model: {out}")
+    _echo_trained(result, out)
 
 
 def _train_detectron2(train_json, images, out, config, init, iterations, seed, pseudo, pseudo_images, ratio,
@@ -153,6 +148,10 @@ def _train_detectron2(train_json, images, out, config, init, iterations, seed, p
         device=_device(device),
         progress=_train_progress(),
     )
+    _echo_trained(result, out)
+
+
+def _echo_trained(result, out: Path) -> None:
     typer.echo(
         f"trained {result.iterations} iterations in {result.seconds / 60:.1f} min; loss "
         f"{result.first_losses.get('total', float('nan')):.3f} -> "

@@ -109,3 +109,39 @@ class Detector(Protocol):
         ...
 
     def save(self, directory: str | Path, *, extra: dict | None = None) -> Path: ...
+
+
+def predict_plain_view(
+    detector: Detector, images: Sequence[torch.Tensor], *, size: int | None, score_thresh: float | None
+) -> list[Detections]:
+    """``Detector.predict`` from the stages: one view, heads on the detections, original coordinates.
+
+    Keypoints are decoded for detections of keypoint classes (zeros for the others).
+    """
+    detector.eval()
+    batch = detector.prepare(images, size=size)
+    feats = detector.features(batch)
+    dets = detector.detect(feats, batch, score_thresh=score_thresh)
+    if detector.has_masks:
+        probs = detector.mask_probs(feats, batch, [d.boxes for d in dets], [d.labels for d in dets])
+        dets = [d.with_fields(masks=p) for d, p in zip(dets, probs, strict=True)]
+    if detector.has_keypoints:
+        selected = [detector.is_keypoint_class(d.labels) for d in dets]
+        logits = detector.keypoint_logits(
+            feats, batch, [d.boxes[s] for d, s in zip(dets, selected, strict=True)]
+        )
+        num_kp = len(detector.config.keypoint_names)
+        with_keypoints = []
+        for det, sel, lg in zip(dets, selected, logits, strict=True):
+            keypoints = torch.zeros((len(det), num_kp, 3), device=det.boxes.device)
+            if len(lg):
+                keypoints[sel] = detector.decode_keypoints(lg, det.boxes[sel])
+            with_keypoints.append(det.with_fields(keypoints=keypoints))
+        dets = with_keypoints
+    return [
+        d.with_fields(
+            boxes=t.inverse_boxes(d.boxes),
+            keypoints=None if d.keypoints is None else t.inverse_keypoints(d.keypoints, None),
+        )
+        for d, t in zip(dets, batch.transforms, strict=True)
+    ]

@@ -77,14 +77,7 @@ class LabelSpace(BaseModel):
     @classmethod
     def from_yaml_file(cls, path: str | Path) -> Self:
         """Read and validate a config file; errors name the file and the field."""
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{path}: model config not found") from None
-        except yaml.YAMLError as exc:
-            raise InputError(f"{path}: not valid YAML: {exc}") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(_read_yaml(Path(path)), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: object, source: str = "<config>") -> Self:
@@ -139,15 +132,19 @@ _CONFIG_CLASSES: dict[str, type[LabelSpace]] = {
 }
 
 
-def load_model_config(path: str | Path) -> AnyModelConfig:
-    """A model directory's ``config.yaml``, as the config class of its ``backend`` (default torchvision)."""
-    path = Path(path)
+def _read_yaml(path: Path) -> object:
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: model config not found") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_model_config(path: str | Path) -> AnyModelConfig:
+    """A model directory's ``config.yaml``, as the config class of its ``backend`` (default torchvision)."""
+    path = Path(path)
+    raw = _read_yaml(path)
     backend = raw.get("backend", "torchvision") if isinstance(raw, dict) else "torchvision"
     cls = _CONFIG_CLASSES.get(backend)
     if cls is None:

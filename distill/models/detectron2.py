@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import InputError, ModelFileError
-from distill.models.base import PreparedBatch
+from distill.models.base import PreparedBatch, predict_plain_view
 from distill.models.config import Detectron2ModelConfig
 from distill.structures import Detections
 from distill.transforms import ResizeFlip
@@ -464,26 +464,7 @@ class Detectron2Detector(nn.Module):
         self, images: Sequence[torch.Tensor], *, size: int | None = None, score_thresh: float | None = None
     ) -> list[Detections]:
         """One plain view at ``size`` (default: the config's test size); original-image coordinates."""
-        self.eval()
-        batch = self.prepare(images, size=size)
-        feats = self.features(batch)
-        dets = self.detect(feats, batch, score_thresh=score_thresh)
-        if self.has_masks:
-            probs = self.mask_probs(feats, batch, [d.boxes for d in dets], [d.labels for d in dets])
-            dets = [d.with_fields(masks=p) for d, p in zip(dets, probs, strict=True)]
-        if self.has_keypoints:
-            logits = self.keypoint_logits(feats, batch, [d.boxes for d in dets])
-            dets = [
-                d.with_fields(keypoints=self.decode_keypoints(lg, d.boxes))
-                for d, lg in zip(dets, logits, strict=True)
-            ]
-        return [
-            d.with_fields(
-                boxes=t.inverse_boxes(d.boxes),
-                keypoints=None if d.keypoints is None else t.inverse_keypoints(d.keypoints, None),
-            )
-            for d, t in zip(dets, batch.transforms, strict=True)
-        ]
+        return predict_plain_view(self, images, size=size, score_thresh=score_thresh)
 
     # -- persistence -------------------------------------------------------------------------------------
     def config_files(self) -> dict[str, str]:

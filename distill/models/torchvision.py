@@ -30,7 +30,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from distill.models.base import PreparedBatch
+from distill.models.base import PreparedBatch, predict_plain_view
 from distill.models.config import ModelConfig
 from distill.structures import Detections
 from distill.transforms import ResizeFlip
@@ -261,37 +261,7 @@ class TorchvisionDetector(nn.Module):
         self, images: Sequence[torch.Tensor], *, size: int | None = None, score_thresh: float | None = None
     ) -> list[Detections]:
         """One plain view at ``size`` (default: the config's test size); original-image coordinates."""
-        self.eval()
-        batch = self.prepare(images, size=size)
-        feats = self.features(batch)
-        dets = self.detect(feats, batch, score_thresh=score_thresh)
-        if self.has_masks:
-            probs = self.mask_probs(feats, batch, [d.boxes for d in dets], [d.labels for d in dets])
-            dets = [d.with_fields(masks=p) for d, p in zip(dets, probs, strict=True)]
-        if self.has_keypoints:
-            dets = self._add_keypoints(feats, batch, dets)
-        return [
-            d.with_fields(
-                boxes=t.inverse_boxes(d.boxes),
-                keypoints=None if d.keypoints is None else t.inverse_keypoints(d.keypoints, None),
-            )
-            for d, t in zip(dets, batch.transforms, strict=True)
-        ]
-
-    def _add_keypoints(
-        self, feats: OrderedDict[str, torch.Tensor], batch: PreparedBatch, dets: list[Detections]
-    ) -> list[Detections]:
-        """Keypoints (view coordinates) for the detections of keypoint classes; zeros for the others."""
-        selected = [self.is_keypoint_class(d.labels) for d in dets]
-        logits = self.keypoint_logits(feats, batch, [d.boxes[s] for d, s in zip(dets, selected, strict=True)])
-        out = []
-        num_kp = len(self.config.keypoint_names)
-        for det, sel, lg in zip(dets, selected, logits, strict=True):
-            keypoints = torch.zeros((len(det), num_kp, 3), device=det.boxes.device)
-            if len(lg):
-                keypoints[sel] = self.decode_keypoints(lg, det.boxes[sel])
-            out.append(det.with_fields(keypoints=keypoints))
-        return out
+        return predict_plain_view(self, images, size=size, score_thresh=score_thresh)
 
     # -- training ----------------------------------------------------------------------------------------
     def losses(
