@@ -143,10 +143,8 @@ class MultiViewEngine:
         all_boxes, all_scores = torch.cat(boxes), torch.cat(scores)
         all_labels, all_views = torch.cat(labels), torch.cat(view_ids)
         f = self.fusion
-        if len(passes) == 1:  # one view was already NMS'd by the detector: fusion is the identity
-            n = len(all_boxes)
-            idx = torch.arange(n, device=all_boxes.device)
-            fused = FusedBoxes(all_boxes, all_scores, all_labels, idx, idx)
+        if len(passes) == 1:  # one view was already NMS'd by the detector: fusion keeps its top detections
+            fused = _top_detections(all_boxes, all_scores, all_labels, f.max_detections)
         else:
             fused = fuse_boxes(
                 all_boxes,
@@ -247,6 +245,15 @@ class MultiViewEngine:
         else:
             keypoints[select] = det.decode_keypoints(heatmaps, fused.boxes[select])
         return keypoints
+
+
+def _top_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, k: int) -> FusedBoxes:
+    """One view's detections as fused boxes: the ``k`` highest-scoring, in the detector's order when sorted
+    (so that a one-view run with ``k`` at least the detector's own limit equals plain inference exactly)."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    members = torch.full_like(labels, -1, dtype=torch.int64)
+    members[order] = torch.arange(len(order), device=boxes.device)
+    return FusedBoxes(boxes[order], scores[order], labels[order], order, members)
 
 
 def _drop_below(fused: FusedBoxes, floor: float) -> FusedBoxes:
