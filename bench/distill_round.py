@@ -10,8 +10,9 @@ Per seed ``s`` (the ``demo`` preset generated with seed ``s``, everything else s
 * ``baseline``: labeled only, *the student's* schedule: the control that separates the gain of the
   pseudo-labels from the gain of training longer.
 
-With ``--variants-seeds`` (per listed seed, that seed's teacher): students from single-view pseudo-labels
-and from per-class calibration. Prints one table per metric and a final JSON line; everything lands under
+With ``--variants-seeds`` (per listed seed, that seed's teacher): students from other pseudo-labels of the
+same teacher, the ``--variants`` of ``VARIANTS`` (default: single-view pseudo-labels, per-class
+calibration). Prints one table per metric and a final JSON line; everything lands under
 ``--out``; seeds already in ``--out/results.json`` are kept, so a bench can be extended seed by seed.
 """
 
@@ -30,6 +31,12 @@ from distill.pipeline import PipelineConfig, primary_metric, run_pipeline
 from distill.workflow import DEMO_SETTINGS, evaluate_model, run_demo, synthetic_data_spec, train_model
 
 METRICS = ("bbox/AP", "segm/AP", "keypoints/AP", "bbox/AP50", "keypoints/AP50")
+# name -> the pipeline sections it changes against the demo round
+VARIANTS: dict[str, dict[str, dict]] = {
+    "single_view": {"inference": {"views": "none"}},
+    "per_class": {"calibration": {"per_class": True}},
+    "wbf": {"inference": {"fusion": "wbf"}},  # weighted boxes fusion instead of NMS
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/exp"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants-seeds", type=int, nargs="*", default=[])
+    parser.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=["single_view", "per_class"]
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -104,14 +114,9 @@ def main(args: argparse.Namespace) -> None:
     for seed in args.variants_seeds:  # after every seed's main comparison
         seed_dir = args.out / f"seed{seed}"
         metrics = results[seed]["metrics"]
-        metrics["student_single_view"] = _variant(
-            seed_dir, "single_view", seed, args.device, inference={"views": "none"}
-        )
-        write_json_atomic(results_file, results, indent=2)
-        metrics["student_per_class"] = _variant(
-            seed_dir, "per_class", seed, args.device, calibration={"per_class": True}
-        )
-        write_json_atomic(results_file, results, indent=2)
+        for name in args.variants:
+            metrics[f"student_{name}"] = _variant(seed_dir, name, seed, args.device, **VARIANTS[name])
+            write_json_atomic(results_file, results, indent=2)
 
     for metric in METRICS:
         print(f"\n{metric} (points)")
