@@ -77,6 +77,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="comma-separated fusion methods scored for quality (nms, vote, soft-nms, wbf)",
     )
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--feature-cache-mb",
+        type=float,
+        default=FusionConfig.feature_cache_mb,
+        help="FusionConfig.feature_cache_mb: views whose features do not fit are recomputed for the heads",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
@@ -309,7 +315,10 @@ def timing(args: argparse.Namespace, detector, views, images: list[torch.Tensor]
     # random weights score every class ~1/81: a per-view threshold of 0 keeps each view's 100 detections
     view_thresh = 0.0 if args.arch else None
     fusion = FusionConfig(
-        max_detections=args.max_detections, score_floor=args.score_floor, view_score_thresh=view_thresh
+        max_detections=args.max_detections,
+        score_floor=args.score_floor,
+        view_score_thresh=view_thresh,
+        feature_cache_mb=args.feature_cache_mb,
     )
     engine = MultiViewEngine(detector, views, fusion)
     box_only = MultiViewEngine(detector, views, dataclasses.replace(fusion, heads=False))
