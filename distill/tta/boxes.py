@@ -180,6 +180,17 @@ def fuse_boxes(
     return _finish(out_boxes, out_scores, labels, source, members, n, boxes, scores, max_detections)
 
 
+def unfused(
+    boxes: Tensor, scores: Tensor, labels: Tensor, *, max_detections: int | None = None
+) -> FusedBoxes:
+    """Every input box as its own fused box, for detections that need no fusion (one view, already NMS'd by
+    the detector): sorted by descending score (stable, so sorted input keeps its order), cut to
+    ``max_detections``, with ``fuse_boxes``' ``source`` / ``members`` bookkeeping."""
+    index = torch.arange(int(boxes.shape[0]), device=boxes.device)
+    labels = labels.to(torch.int64)
+    return _finish(boxes, scores, labels, index, index, len(index), boxes, scores, max_detections)
+
+
 def agreement(
     fused: FusedBoxes,
     boxes: Tensor,

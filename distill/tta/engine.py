@@ -29,7 +29,7 @@ import torch
 
 from distill.models.base import Detector, PreparedBatch
 from distill.structures import Detections
-from distill.tta.boxes import FusedBoxes, agreement, fuse_boxes
+from distill.tta.boxes import FusedBoxes, agreement, fuse_boxes, unfused
 from distill.tta.views import View, ViewSet
 
 
@@ -144,7 +144,7 @@ class MultiViewEngine:
         all_labels, all_views = torch.cat(labels), torch.cat(view_ids)
         f = self.fusion
         if len(passes) == 1:  # one view was already NMS'd by the detector: fusion keeps its top detections
-            fused = _top_detections(all_boxes, all_scores, all_labels, f.max_detections)
+            fused = unfused(all_boxes, all_scores, all_labels, max_detections=f.max_detections)
         else:
             fused = fuse_boxes(
                 all_boxes,
@@ -245,15 +245,6 @@ class MultiViewEngine:
         else:
             keypoints[select] = det.decode_keypoints(heatmaps, fused.boxes[select])
         return keypoints
-
-
-def _top_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, k: int) -> FusedBoxes:
-    """One view's detections as fused boxes: the ``k`` highest-scoring, in the detector's order when sorted
-    (so that a one-view run with ``k`` at least the detector's own limit equals plain inference exactly)."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    members = torch.full_like(labels, -1, dtype=torch.int64)
-    members[order] = torch.arange(len(order), device=boxes.device)
-    return FusedBoxes(boxes[order], scores[order], labels[order], order, members)
 
 
 def _drop_below(fused: FusedBoxes, floor: float) -> FusedBoxes:
