@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distill.errors import InputError
-from distill.evaluate import format_table
+from distill.evaluate import BOX_METRICS, KEYPOINT_METRICS, format_table
 from distill.io import write_json_atomic, write_text_atomic
 from distill.models.store import read_meta
 from distill.train.loop import TrainProgress
@@ -86,6 +86,18 @@ class StudentSpec(_Strict):
 
 class EvaluationSpec(_Strict):
     primary: str = "bbox/AP"  # IOU_TYPE/METRIC deciding promotion, e.g. keypoints/AP
+
+    @field_validator("primary")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        iou_type, _, name = value.partition("/")
+        names = {"bbox": BOX_METRICS, "segm": BOX_METRICS, "keypoints": KEYPOINT_METRICS}.get(iou_type)
+        if names is None or (name or "AP") not in names:
+            raise ValueError(
+                f"{value!r} is not IOU_TYPE/METRIC with IOU_TYPE bbox, segm or keypoints and METRIC one of "
+                f"{', '.join(KEYPOINT_METRICS if iou_type == 'keypoints' else BOX_METRICS)}"
+            )
+        return value
 
 
 class PipelineConfig(_Strict):
@@ -139,9 +151,15 @@ def _relative_file(value: str | None, base: Path) -> str | None:
 
 
 def primary_metric(metrics: dict[str, dict[str, float]], primary: str) -> float:
-    """The value of ``IOU_TYPE/METRIC`` in a metrics dict (``-inf`` when absent)."""
+    """The value of ``IOU_TYPE/METRIC`` in a metrics dict; an error when the model has no such metric (e.g.
+    ``keypoints/AP`` for a model without a keypoint head)."""
     iou_type, _, name = primary.partition("/")
-    return float(metrics.get(iou_type, {}).get(name or "AP", float("-inf")))
+    if iou_type not in metrics:
+        raise InputError(
+            f"evaluation.primary: {primary} cannot decide promotion: the model has no {iou_type} results "
+            f"(it is evaluated on {', '.join(metrics) or 'nothing'})"
+        )
+    return float(metrics[iou_type][name or "AP"])
 
 
 def run_pipeline(
@@ -173,6 +191,7 @@ def run_pipeline(
                 teacher_metrics = _cached_metrics(
                     round_dir / "teacher_metrics.json", teacher_dir, config, device
                 )
+            primary_metric(teacher_metrics, config.evaluation.primary)  # fails now, not after the student
         with _timer(minutes, "inference"):
             predictions, views = _infer(config, teacher_dir, round_dir / "predictions.jsonl", device, echo)
         with _timer(minutes, "calibrate"):

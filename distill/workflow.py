@@ -111,7 +111,14 @@ def evaluate_model(
     results = predict_coco(
         detector, iter_image_refs(truth_json, images_dir=images_dir), batch_size=batch_size
     )
-    return evaluate(truth, results)
+    # every metric the model can produce, scored 0 when it produced nothing of that kind (a weak model with no
+    # keypoint-class detections still has a keypoint AP, so rounds can compare it)
+    iou_types = ["bbox"]
+    if detector.has_masks:
+        iou_types.append("segm")
+    if detector.has_keypoints and truth.keypoint_categories():
+        iou_types.append("keypoints")
+    return evaluate(truth, results, iou_types=iou_types)
 
 
 def _synth_is_current(data_dir: Path, preset: str, seed: int) -> bool:

@@ -136,3 +136,15 @@ def test_format_table_lists_columns() -> None:
     )
     assert "teacher" in table and "student" in table
     assert "50.0" in table and "55.0" in table
+
+
+def test_a_model_that_detects_nothing_scores_zero_on_every_head(tmp_path, tiny_data, tiny_config) -> None:
+    """Rounds compare teacher and student on a metric; a model that found nothing must still have one."""
+    from distill.models.torchvision import TorchvisionDetector
+    from distill.workflow import evaluate_model
+
+    blind = TorchvisionDetector(tiny_config.model_copy(update={"score_thresh": 1.0}))
+    model_dir = blind.save(tmp_path / "blind")
+    metrics = evaluate_model(model_dir, tiny_data / "test.json", tiny_data / "images")
+    assert set(metrics) == {"bbox", "segm", "keypoints"}
+    assert metrics["keypoints"]["AP"] == 0.0 and metrics["segm"]["AP"] == 0.0 and metrics["bbox"]["AP"] == 0.0

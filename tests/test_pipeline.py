@@ -161,3 +161,19 @@ def test_a_run_directory_refuses_another_config_but_accepts_more_rounds(tmp_path
     moved = PipelineConfig.model_validate({"data": {**absolute, "unlabeled": "/elsewhere/u"}})
     with pytest.raises(InputError, match=r"differs in data\.unlabeled\)"):
         run_pipeline(moved, out)
+
+
+def test_the_promotion_metric_must_exist(tmp_path: Path) -> None:
+    from distill.pipeline import primary_metric
+
+    path = tmp_path / "p.yaml"
+    data = {"labeled": "l", "labeled_images": "i", "unlabeled": "u"}
+    path.write_text(yaml.safe_dump({"data": data, "evaluation": {"primary": "keypoint/AP"}}))
+    with pytest.raises(InputError, match=r"evaluation\.primary: .*'keypoint/AP' is not IOU_TYPE/METRIC"):
+        PipelineConfig.from_yaml(path)
+    path.write_text(yaml.safe_dump({"data": data, "evaluation": {"primary": "bbox/AR"}}))
+    with pytest.raises(InputError, match=r"evaluation\.primary"):
+        PipelineConfig.from_yaml(path)
+    assert primary_metric({"bbox": {"AP": 0.25}}, "bbox") == 0.25
+    with pytest.raises(InputError, match=r"no keypoints results \(it is evaluated on bbox\)"):
+        primary_metric({"bbox": {"AP": 0.25}}, "keypoints/AP")
