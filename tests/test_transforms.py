@@ -61,3 +61,20 @@ def test_resized_shape_matches_torch_interpolate() -> None:
             align_corners=False,
         )
         assert resized_shape(h, w, s, m) == tuple(out.shape[-2:])
+
+
+def test_orientation_groups_keep_input_order_and_results_come_back_in_place() -> None:
+    from distill.transforms import orientation_groups, per_orientation
+
+    shapes = [(100, 150), (150, 100), (120, 120), (200, 90), (90, 91)]
+    images = [torch.zeros(3, h, w) for h, w in shapes]
+    assert orientation_groups(images) == [[0, 2, 4], [1, 3]]
+    assert orientation_groups(images[:1]) == [[0]]
+    calls: list[list[tuple[int, int]]] = []
+
+    def sizes(group: list[torch.Tensor]) -> list[tuple[int, int]]:
+        calls.append([tuple(i.shape[-2:]) for i in group])
+        return [tuple(i.shape[-2:]) for i in group]
+
+    assert per_orientation(sizes, images) == shapes
+    assert calls == [[(100, 150), (120, 120), (90, 91)], [(150, 100), (200, 90)]]

@@ -24,7 +24,7 @@ import torch
 
 from distill.models.config import ModelConfig
 from distill.structures import Detections
-from distill.transforms import ResizeFlip
+from distill.transforms import ResizeFlip, per_orientation
 
 
 @dataclass
@@ -116,9 +116,19 @@ def predict_plain_view(
 ) -> list[Detections]:
     """``Detector.predict`` from the stages: one view, heads on the detections, original coordinates.
 
-    Keypoints are decoded for detections of keypoint classes (zeros for the others).
+    Keypoints are decoded for detections of keypoint classes (zeros for the others). Landscape and portrait
+    images go through the backbone in separate batches (:func:`distill.transforms.per_orientation`), as in
+    multi-view inference.
     """
     detector.eval()
+    return per_orientation(
+        lambda group: _predict_plain_batch(detector, group, size=size, score_thresh=score_thresh), images
+    )
+
+
+def _predict_plain_batch(
+    detector: Detector, images: Sequence[torch.Tensor], *, size: int | None, score_thresh: float | None
+) -> list[Detections]:
     batch = detector.prepare(images, size=size)
     feats = detector.features(batch)
     dets = detector.detect(feats, batch, score_thresh=score_thresh)

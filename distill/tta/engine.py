@@ -29,6 +29,7 @@ import torch
 
 from distill.models.base import Detector, PreparedBatch
 from distill.structures import Detections
+from distill.transforms import per_orientation
 from distill.tta.boxes import FusedBoxes, agreement, fuse_boxes, unfused
 from distill.tta.views import View, ViewSet
 
@@ -93,8 +94,16 @@ class MultiViewEngine:
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor]) -> list[FusedPrediction]:
-        """Fused predictions for a batch of float RGB images ``[3, H, W]`` in [0, 1]."""
+        """Fused predictions for a batch of float RGB images ``[3, H, W]`` in [0, 1].
+
+        Landscape and portrait images run as separate batches (padding one orientation to the other's long
+        side would cost 1.3-1.5x the pixels for 4:3 photos), each through every view and the heads before the
+        next, so the feature cache holds one group's features at a time.
+        """
         self.detector.eval()
+        return per_orientation(self._predict_batch, images)
+
+    def _predict_batch(self, images: Sequence[torch.Tensor]) -> list[FusedPrediction]:
         passes = self._detect_all_views(images)
         fusions = [self._fuse_boxes(passes, i) for i in range(len(images))]
         masks, heatmaps = self._heads(passes, fusions, images)

@@ -21,9 +21,9 @@ def test_staged_predict_equals_torchvision_forward(tiny_config: ModelConfig) -> 
     torch.manual_seed(0)
     det = TorchvisionDetector(tiny_config.model_copy(update={"score_thresh": 0.0}))
     det.model.transform.min_size = (tiny_config.test_size,)
-    images = _images()
+    images = _images()  # a landscape and a portrait image: predict batches each orientation on its own
     with torch.inference_mode():
-        reference = det.model([i.clone() for i in images])
+        reference = [det.model([image.clone()])[0] for image in images]
     ours = det.predict(images)
     keypoint_label = tiny_config.category_ids.index(tiny_config.keypoint_category_ids[0])
     for ref, got in zip(reference, ours, strict=True):

@@ -15,7 +15,7 @@ from distill.models.config import ModelConfig
 from distill.models.store import load_model
 from distill.models.torchvision import decode_heatmaps
 from distill.structures import Detections
-from distill.transforms import ResizeFlip
+from distill.transforms import ResizeFlip, resized_shape
 from distill.tta.engine import FusionConfig, MultiViewEngine
 from distill.tta.views import parse_views
 
@@ -45,6 +45,38 @@ def test_one_view_equals_plain_inference_exactly(trained_tiny_model: Path) -> No
         assert torch.all(f.agreement == 1.0)
 
 
+def test_portrait_and_landscape_images_are_never_padded_into_one_batch(trained_tiny_model: Path) -> None:
+    # a 4:3 and a 3:4 photo in one batch would each be padded to ~1.4x their pixels; the engine runs each
+    # orientation as its own batch, so a mixed batch gives exactly what each image gives on its own
+    detector = load_model(trained_tiny_model)
+    size, cap = detector.config.test_size, detector.config.max_size
+    views = parse_views("0.75x,1x:flip", test_size=size, max_size=cap)
+    engine = MultiViewEngine(detector, views, FusionConfig(view_score_thresh=0.0, max_detections=20))
+    generator = torch.Generator().manual_seed(3)
+    landscape = [torch.rand(3, 120, 160, generator=generator), torch.rand(3, 130, 150, generator=generator)]
+    portrait = torch.rand(3, 160, 120, generator=generator)
+    mixed = [landscape[0], portrait, landscape[1]]
+    prepared: list[list[tuple[int, int]]] = []
+    prepare = detector.prepare
+
+    def recording_prepare(images, **kwargs):
+        prepared.append([tuple(i.shape[-2:]) for i in images])
+        return prepare(images, **kwargs)
+
+    detector.prepare = recording_prepare  # type: ignore[method-assign]
+    together = engine.predict(mixed)
+    detector.prepare = prepare  # type: ignore[method-assign]
+    assert {len(shapes) for shapes in prepared} == {1, 2}
+    assert all(len({h > w for h, w in shapes}) == 1 for shapes in prepared)
+    alone = [*engine.predict(landscape), *engine.predict([portrait])]
+    for got, want in zip(together, [alone[0], alone[2], alone[1]], strict=True):
+        assert len(want.detections) > 0
+        assert torch.equal(got.detections.boxes, want.detections.boxes)
+        assert torch.equal(got.detections.masks, want.detections.masks)
+        assert torch.equal(got.detections.keypoints, want.detections.keypoints)
+        assert torch.equal(got.agreement, want.agreement)
+
+
 def test_one_view_keeps_the_same_number_of_detections_as_a_multi_view_run(trained_tiny_model: Path) -> None:
     # max_detections bounds every view set alike: a single-view baseline with the detector's 100 detections
     # per image against 20 fused ones made single-view AP look better than it was (recall at 5x the count)
@@ -59,7 +91,9 @@ def test_one_view_keeps_the_same_number_of_detections_as_a_multi_view_run(traine
         best = torch.sort(p.scores, descending=True, stable=True).indices[:3]
         assert len(d) == 3
         assert torch.equal(d.boxes, p.boxes[best]) and torch.equal(d.scores, p.scores[best])
-        assert torch.equal(d.masks, p.masks[best]) and torch.equal(d.keypoints, p.keypoints[best])
+        # the heads ran on 3 RoIs here and on 100 there: oneDNN's convolutions may round differently by batch
+        assert torch.allclose(d.masks, p.masks[best], atol=1e-5, rtol=0)
+        assert torch.allclose(d.keypoints, p.keypoints[best], atol=1e-4, rtol=0)
 
 
 def test_flipped_view_of_a_flipped_image_is_the_mirrored_plain_view(trained_tiny_model: Path) -> None:
@@ -212,10 +246,15 @@ def test_boxes_and_keypoints_come_back_to_the_original_for_any_views(
     )[0]
     scale = max(height, width)
     assert torch.allclose(fused.detections.boxes, torch.tensor([[x1, y1, x2, y2]]), atol=1e-3 * scale)
-    # heatmap cells are box/56 in each view: the fused argmax lies within two cells of the truth
+    # heatmap cells are box/56 in each view: the fused argmax lies within two cells of the truth, plus half a
+    # pixel of the decoding (torchvision decodes at integer pixels of the box: in the view when it is the one
+    # unflipped view, as plain inference does, else in the original image)
     cell = torch.tensor([(x2 - x1) / 56, (y2 - y1) / 56])
+    pixel = 1.0
+    if len(sizes) == 1 and not flip:
+        pixel = height / resized_shape(height, width, sizes[0], 4000)[0]
     error = (fused.detections.keypoints[0, :, :2] - torch.tensor(truth)).abs()
-    assert torch.all(error <= 2 * cell + 1e-3 * scale)
+    assert torch.all(error <= 2 * cell + pixel / 2 + 1e-3 * scale)
     assert fused.agreement.tolist() == [1.0]
 
 
