@@ -80,8 +80,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--feature-cache-mb",
         type=float,
-        default=FusionConfig.feature_cache_mb,
-        help="FusionConfig.feature_cache_mb: views whose features do not fit are recomputed for the heads",
+        default=None,
+        help="FusionConfig.feature_cache_mb (default: sized from the free memory): views whose features do "
+        "not fit are recomputed for the heads",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

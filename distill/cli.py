@@ -185,6 +185,18 @@ def predict(
     fusion: Annotated[str, typer.Option(help="nms | vote | soft-nms | wbf (multi-view only)")] = "nms",
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     score_thresh: Annotated[float | None, typer.Option(help="default: the model's")] = None,
+    max_detections: Annotated[
+        int,
+        typer.Option(min=1, help="multi-view: fused boxes per image; the keypoint/mask heads run on these"),
+    ] = 100,
+    feature_cache_mb: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="multi-view: memory for the views' backbone features, reused by the heads (default: half "
+            "the free GPU memory or a quarter of the available RAM); views that do not fit are recomputed",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Run a model on images and write COCO results (multi-view: plus OUT.views.json with agreement)."""
@@ -211,11 +223,22 @@ def predict(
         view_set = parse_views(views, test_size=detector.config.test_size, max_size=detector.config.max_size)
         if fusion not in ("nms", "vote", "soft-nms", "wbf"):
             raise InputError(f"--fusion {fusion!r}: expected nms, vote, soft-nms or wbf")
-        engine = MultiViewEngine(
-            detector, view_set, FusionConfig(method=fusion, view_score_thresh=score_thresh)
+        fusion_config = FusionConfig(
+            method=fusion,
+            view_score_thresh=score_thresh,
+            max_detections=max_detections,
+            feature_cache_mb=feature_cache_mb,
         )
+        engine = MultiViewEngine(detector, view_set, fusion_config)
         lines = out.with_name(out.name + ".jsonl")
         streamed = run_to_jsonl(engine, refs, lines, batch_size=batch_size)
+        if engine.recomputed_views:
+            typer.echo(
+                f"note: the backbone features of {engine.recomputed_views} of {len(view_set)} views did not "
+                "fit the feature cache and were recomputed for the heads (raise --feature-cache-mb, or lower "
+                "--batch-size)",
+                err=True,
+            )
         results = read_instances(lines)  # each keeps its agreement, for calibrate --min-agreement
         agreement = [r["agreement"] for r in results]
         skipped = streamed.skipped

@@ -67,6 +67,7 @@ class InferenceSpec(_Strict):
     max_detections: int = Field(100, ge=1)
     score_floor: float = Field(0.0, ge=0, le=1)
     view_score_thresh: float | None = Field(None, ge=0, le=1)
+    feature_cache_mb: float | None = Field(None, gt=0)  # None: sized from the free memory (FusionConfig)
 
 
 class CalibrationSpec(_Strict):
@@ -250,8 +251,13 @@ def run_pipeline(
     return summary
 
 
+# settings that change how fast a run goes, not what it makes: a resumed run may change them
+RUNTIME_ONLY = {("inference", "feature_cache_mb")}
+
+
 def _check_same_config(config: PipelineConfig, saved: Path) -> None:
-    """Resuming must not mix artifacts of two configs: only ``rounds`` may change in an existing run."""
+    """Resuming must not mix artifacts of two configs: only ``rounds`` (and the :data:`RUNTIME_ONLY`
+    settings) may change in an existing run. A field the saved config predates counts as its default."""
     if not saved.exists():
         return
     before = yaml.safe_load(saved.read_text()) or {}
@@ -259,13 +265,17 @@ def _check_same_config(config: PipelineConfig, saved: Path) -> None:
     changed: list[str] = []
     for section in sorted(set(before) | set(now)):
         old, new = (
-            _resolve_paths(config, section, before.get(section)),
+            _resolve_paths(config, section, _with_defaults(config, section, before.get(section))),
             _resolve_paths(config, section, now.get(section)),
         )
         if section == "rounds" or old == new:
             continue
         if isinstance(old, dict) and isinstance(new, dict):
-            changed += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            changed += [
+                f"{section}.{k}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k) and (section, k) not in RUNTIME_ONLY
+            ]
         else:
             changed.append(section)
     if changed:
@@ -273,6 +283,16 @@ def _check_same_config(config: PipelineConfig, saved: Path) -> None:
             f"{saved.parent}: this run directory was made with another pipeline config (differs in "
             f"{', '.join(changed)}); use a new --out, or delete the directory to start over"
         )
+
+
+def _with_defaults(config: PipelineConfig, section: str, values: Any) -> Any:
+    """A saved config section with the fields added to the config since then set to their defaults."""
+    model = getattr(config, section, None)
+    if not isinstance(values, dict) or not isinstance(model, BaseModel):
+        return values
+    fields = type(model).model_fields
+    added = [k for k in fields.keys() - values.keys() if not fields[k].is_required()]
+    return {**values, **{k: json.loads(json.dumps(fields[k].default)) for k in added}}
 
 
 def _resolve_paths(config: PipelineConfig, section: str, values: Any) -> Any:
@@ -363,6 +383,7 @@ def _infer(config, teacher_dir: Path, out: Path, device, echo) -> tuple[Path, di
         max_detections=spec.max_detections,
         score_floor=spec.score_floor,
         view_score_thresh=spec.view_score_thresh,
+        feature_cache_mb=spec.feature_cache_mb,
     )
     refs = iter_image_refs(config.data.unlabeled, images_dir=config.data.unlabeled_images)
     if not out.exists():

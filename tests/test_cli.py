@@ -125,6 +125,21 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path: Path) -> None:
     test_ids = {img["id"] for img in json.loads((data / "test.json").read_text())["images"]}
     assert {d["image_id"] for d in detections} <= test_ids
 
+    # multi-view: fused results, their view set and agreement, at most --max-detections per image; a zero
+    # feature cache recomputes every view's features for the heads, and says so
+    fused = tmp_path / "fused.json"
+    proc = run(
+        "predict", "--model", str(model), "--images", str(data / "test.json"), "--images-dir",
+        str(data / "images"), "--out", str(fused), "--views", "1x,1.25x:flip", "--score-thresh", "0.0",
+        "--max-detections", "5", "--feature-cache-mb", "0",
+    )  # fmt: skip
+    fused_results = json.loads(fused.read_text())
+    sidecar = json.loads((tmp_path / "fused.json.views.json").read_text())
+    assert len(sidecar["views"]["views"]) == 4 and len(sidecar["agreement"]) == len(fused_results)
+    per_image = [sum(r["image_id"] == i for r in fused_results) for i in test_ids]
+    assert max(per_image) == 5
+    assert "4 of 4 views did not fit the feature cache" in proc.stderr
+
     metrics_file = tmp_path / "metrics.json"
     table = run(
         "evaluate",
@@ -158,4 +173,9 @@ def test_synth_train_predict_evaluate_round_trip(tmp_path: Path) -> None:
         "--json",
         str(via_model),
     )
-    assert json.loads(via_model.read_text()) == json.loads(via_file.read_text())
+    by_model, by_file = json.loads(via_model.read_text()), json.loads(via_file.read_text())
+    assert {key: by_model[key] for key in by_file} == by_file
+    # a model is scored on every head it has, also one that found nothing (a results file cannot say)
+    assert set(by_model) == {"bbox", "segm", "keypoints"}
+    if "keypoints" not in by_file:
+        assert by_model["keypoints"]["AP"] == 0.0

@@ -161,6 +161,23 @@ def test_a_run_directory_refuses_another_config_but_accepts_more_rounds(tmp_path
     moved = PipelineConfig.model_validate({"data": {**absolute, "unlabeled": "/elsewhere/u"}})
     with pytest.raises(InputError, match=r"differs in data\.unlabeled\)"):
         run_pipeline(moved, out)
+    # the feature cache changes speed, not results: a resumed run may change it
+    cache = PipelineConfig.model_validate(
+        {"data": data, "student": {"ratio": [6, 4]}, "inference": {"feature_cache_mb": 512}}
+    )
+    with pytest.raises(InputError, match=r"data\.labeled: l\.json does not exist"):
+        run_pipeline(cache, out)
+    # a run saved before a setting existed counts as having its default, and another value still differs
+    saved = yaml.safe_load((out / "pipeline.yaml").read_text())
+    del saved["inference"]["max_detections"], saved["inference"]["feature_cache_mb"]
+    (out / "pipeline.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(InputError, match=r"data\.labeled: l\.json does not exist"):
+        run_pipeline(config, out)
+    fewer = PipelineConfig.model_validate(
+        {"data": data, "student": {"ratio": [6, 4]}, "inference": {"max_detections": 20}}
+    )
+    with pytest.raises(InputError, match=r"differs in inference\.max_detections\)"):
+        run_pipeline(fewer, out)
 
 
 def test_the_promotion_metric_must_exist(tmp_path: Path) -> None:

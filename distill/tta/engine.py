@@ -13,10 +13,14 @@ ones per image that score at least ``score_floor``. Calibration keeps about as m
 labeled set has (a few), so a small ``max_detections`` (the demo uses 20) costs nothing in pseudo-label
 quality and cuts the heads pass by 5x against the detector's usual 100.
 
-Images of one view go through the backbone together (padding within the batch only). The backbone features of
-each view are kept for the second (heads) pass while their total size stays under ``feature_cache_mb``; views
-that do not fit are recomputed (one more backbone pass for those views only). A larger budget trades memory
-for time: with everything cached, the backbone runs exactly once per view.
+Images of one view go through the backbone together (padding within the batch only; landscape and portrait
+images are separate batches). The backbone features of each view are kept for the second (heads) pass while
+their total size stays under ``feature_cache_mb``; views that do not fit are recomputed (one more backbone
+pass for those views only). A larger budget trades memory for time: with everything cached, the backbone runs
+exactly once per view. What it takes: the FPN features of all views of one batch, e.g. ~1.3 GB per 640 x 480
+photo for a ResNet-50 FPN over the paper's 18 views (400..1200 px), ~40 MB for the embedded benchmark's model.
+The default (``None``) sizes the budget from the memory free when a batch starts: half of the GPU's free
+memory, a quarter of the available RAM on the CPU.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class FusionConfig:
     size_dependent: bool = False  # Detectron's SCALE_SIZE_DEP for keypoints and masks
     area_thresh: float | None = None  # px^2; default (180 / 800 * test_size)^2, Detectron's 180^2 at 800 px
     agreement_iou: float = 0.5
-    feature_cache_mb: float = 2048.0
+    feature_cache_mb: float | None = None  # None: from the free memory (see the module docstring)
     heads: bool = True  # False: box-only multi-view (no keypoint/mask fusion even if the model has the heads)
 
 
@@ -91,6 +95,7 @@ class MultiViewEngine:
         self.views = views
         self.fusion = fusion or FusionConfig()
         self._flip_indices = detector.keypoint_flip_indices()
+        self.recomputed_views = 0  # views of the last batch whose features did not fit the cache budget
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor]) -> list[FusedPrediction]:
@@ -121,7 +126,7 @@ class MultiViewEngine:
     # -- pass 1: detections in every view ----------------------------------------------------------------
     def _detect_all_views(self, images: Sequence[torch.Tensor]) -> list[_ViewPass]:
         passes, cached_bytes = [], 0.0
-        budget = self.fusion.feature_cache_mb * 2**20
+        budget = feature_cache_bytes(self.fusion.feature_cache_mb, self.detector.device)
         for view in self.views:
             batch = self.detector.prepare(images, size=view.size, flip=view.flip, max_size=view.max_size)
             feats = self.detector.features(batch)
@@ -135,6 +140,7 @@ class MultiViewEngine:
             keep = self._needs_heads() and cached_bytes + size <= budget
             cached_bytes += size if keep else 0
             passes.append(_ViewPass(view, batch, feats if keep else None, dets))
+        self.recomputed_views = sum(p.feats is None for p in passes) if self._needs_heads() else 0
         return passes
 
     def _needs_heads(self) -> bool:
@@ -254,6 +260,30 @@ class MultiViewEngine:
         else:
             keypoints[select] = det.decode_keypoints(heatmaps, fused.boxes[select])
         return keypoints
+
+
+def feature_cache_bytes(megabytes: float | None, device: torch.device) -> float:
+    """The feature cache budget in bytes: ``megabytes`` when given, else half of the GPU's free memory or a
+    quarter of the RAM available (``MemAvailable``; 2 GiB where it cannot be read)."""
+    if megabytes is not None:
+        return megabytes * 2**20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2
+    return available_ram_bytes() / 4
+
+
+def available_ram_bytes() -> float:
+    """RAM the kernel can hand out without swapping (``MemAvailable`` of ``/proc/meminfo``); 8 GiB where that
+    cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8.0 * 2**30
 
 
 def _drop_below(fused: FusedBoxes, floor: float) -> FusedBoxes:

@@ -209,9 +209,13 @@ def test_recomputing_features_outside_the_cache_budget_changes_nothing(trained_t
         "0.75x,1x:flip", test_size=detector.config.test_size, max_size=detector.config.max_size
     )
     images = _images(2)
-    cached = MultiViewEngine(detector, views, FusionConfig(view_score_thresh=0.0)).predict(images)
+    auto = MultiViewEngine(detector, views, FusionConfig(view_score_thresh=0.0))
+    cached = auto.predict(images)
+    assert auto.recomputed_views == 0  # the default budget (a share of the free RAM) holds this model's views
     recomputed = MultiViewEngine(detector, views, FusionConfig(view_score_thresh=0.0, feature_cache_mb=0.0))
-    for a, b in zip(cached, recomputed.predict(images), strict=True):
+    again = recomputed.predict(images)
+    assert recomputed.recomputed_views == len(views)
+    for a, b in zip(cached, again, strict=True):
         assert len(a.detections) > 0
         assert torch.equal(a.detections.boxes, b.detections.boxes)
         assert torch.equal(a.detections.masks, b.detections.masks)
@@ -290,3 +294,13 @@ def test_score_floor_runs_the_heads_only_on_boxes_that_can_become_pseudo_labels(
     top1 = _TwoObjectDetector(tiny_config)
     MultiViewEngine(top1, views, FusionConfig(max_detections=1)).predict(image)
     assert top1.head_boxes == [1, 1, 1, 1]
+
+
+def test_the_feature_cache_budget_is_given_or_a_quarter_of_the_available_ram() -> None:
+    from distill.tta.engine import available_ram_bytes, feature_cache_bytes
+
+    cpu = torch.device("cpu")
+    assert feature_cache_bytes(512, cpu) == 512 * 2**20
+    ram = available_ram_bytes()
+    assert 2**26 < ram < 2**50  # between 64 MiB and 1 PiB: read from the machine
+    assert abs(feature_cache_bytes(None, cpu) - ram / 4) < 0.05 * ram  # MemAvailable moves a little
