@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,8 @@ from distill.models.detectron2 import Detectron2Detector, init_norm_statistics, 
 from distill.train.data import image_to_tensor
 from distill.tta.engine import FusionConfig, MultiViewEngine
 from distill.tta.views import PAPER_SIZES, View, ViewSet
+
+from timing import interleaved, timed
 
 MASK_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 KEYPOINT_CONFIG = "COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml"
@@ -73,29 +74,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
-
-
-def _interleaved(runs: dict, repeats: int) -> dict[str, float]:
-    """Fastest of ``repeats`` rounds, each round running every function once in turn (on a shared machine
-    the minimum is the least disturbed run, and interleaving spreads slow phases over all of them)."""
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            best[name] = min(best[name], _timed(fn, 1)[0])
-    return best
-
-
-def _timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def _cfg(name: str, weights: str, scale: float, device: str, detections: int | None = None):
@@ -188,7 +166,7 @@ def _versus_detectron2_tta(args: argparse.Namespace, images: list[torch.Tensor])
     }
     if len(images) > 1:
         runs["ours_1"] = lambda: [engine.predict([image]) for image in images]
-    best = _interleaved(runs, args.repeats)
+    best = interleaved(runs, args.repeats)
     t_tta, t_ours, t_box, t_backbone = best["tta"], best["ours"], best["box"], best["backbone"]
     t_ours_1 = best.get("ours_1", t_ours)
     return {
@@ -243,8 +221,8 @@ def _keypoint_cost(args: argparse.Namespace, images: list[torch.Tensor]) -> dict
         fusion = dataclasses.replace(fusion, max_detections=args.keypoint_top_k)
     heads = MultiViewEngine(detector, views, fusion)
     box_only = MultiViewEngine(detector, views, dataclasses.replace(fusion, heads=False))
-    t_box, _ = _timed(lambda: box_only.predict(images), args.repeats)
-    t_kp, _ = _timed(lambda: heads.predict(images), args.repeats)
+    t_box, _ = timed(lambda: box_only.predict(images), args.repeats)
+    t_kp, _ = timed(lambda: heads.predict(images), args.repeats)
     return {
         "top_k": fusion.max_detections,
         "box_only_s_per_image": t_box / len(images),

@@ -8,7 +8,7 @@
 3. engine time / sum of plain single-view forwards (prepare + backbone + detect) at each view size (the floor)
 4. quality: COCO AP of fused multi-view predictions vs single-view predictions of the same model, scored on
    the unlabeled split's hidden truth (``unlabeled_truth.json``)
-Prints a table and a final JSON line. Timings are medians over --repeats runs.
+Prints a table and a final JSON line. Timings are each measurement's fastest of --repeats interleaved rounds.
 
 The ratios depend on the model: the embedded benchmark's ResNet-18 / 64-channel FPN at ~256 px has heads as
 costly as its backbone. ``--arch resnet50`` times a randomly initialised torchvision R-CNN at COCO's defaults
@@ -23,8 +23,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,9 +37,12 @@ from distill.models.store import load_model
 from distill.models.torchvision import TorchvisionDetector
 from distill.structures import Detections
 from distill.train.data import image_to_tensor
+from distill.transforms import orientation_groups
 from distill.tta.boxes import fuse_boxes
 from distill.tta.engine import FusionConfig, MultiViewEngine
 from distill.tta.views import parse_views
+
+from timing import interleaved
 
 TINY_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
 
@@ -84,22 +85,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="FusionConfig.feature_cache_mb (default: sized from the free memory): views whose features do "
         "not fit are recomputed for the heads",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds; each measurement's fastest round counts"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
-
-
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -147,9 +137,13 @@ def floor(
 ) -> None:
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        for view in views:
-            batch = detector.prepare(chunk, size=view.size, flip=view.flip, max_size=view.max_size)
-            detector.detect(detector.features(batch), batch, score_thresh=score_thresh)
+        for group in orientation_groups(chunk):  # batched as the engine batches
+            images_of_group = [chunk[i] for i in group]
+            for view in views:
+                batch = detector.prepare(
+                    images_of_group, size=view.size, flip=view.flip, max_size=view.max_size
+                )
+                detector.detect(detector.features(batch), batch, score_thresh=score_thresh)
 
 
 def run_engine(engine: MultiViewEngine, images: list[torch.Tensor], batch_size: int) -> list:
@@ -325,13 +319,16 @@ def timing(args: argparse.Namespace, detector, views, images: list[torch.Tensor]
     box_only = MultiViewEngine(detector, views, dataclasses.replace(fusion, heads=False))
 
     run_engine(engine, images[: args.batch_size], args.batch_size)  # warm-up
-    t_engine = _timed(lambda: run_engine(engine, images, args.batch_size), args.repeats)
-    t_boxes = _timed(lambda: run_engine(box_only, images, args.batch_size), args.repeats)
-    t_floor = _timed(lambda: floor(detector, views, images, args.batch_size, view_thresh), args.repeats)
-    t_naive = _timed(
-        lambda: naive_multiview(detector, views, images, args.max_detections, view_thresh),
-        max(1, args.repeats - 2),
+    best = interleaved(
+        {
+            "engine": lambda: run_engine(engine, images, args.batch_size),
+            "box_only": lambda: run_engine(box_only, images, args.batch_size),
+            "floor": lambda: floor(detector, views, images, args.batch_size, view_thresh),
+            "naive": lambda: naive_multiview(detector, views, images, args.max_detections, view_thresh),
+        },
+        args.repeats,
     )
+    t_engine, t_boxes, t_floor, t_naive = (best[k] for k in ("engine", "box_only", "floor", "naive"))
     report = {
         "engine_images_per_s": round(len(images) / t_engine, 3),
         "naive_images_per_s": round(len(images) / t_naive, 3),
