@@ -95,7 +95,7 @@ class MultiViewEngine:
         self.views = views
         self.fusion = fusion or FusionConfig()
         self._flip_indices = detector.keypoint_flip_indices()
-        self.recomputed_views = 0  # views of the last batch whose features did not fit the cache budget
+        self.recomputed_views = 0  # the most views of one batch so far whose features did not fit the cache
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor]) -> list[FusedPrediction]:
@@ -140,7 +140,8 @@ class MultiViewEngine:
             keep = self._needs_heads() and cached_bytes + size <= budget
             cached_bytes += size if keep else 0
             passes.append(_ViewPass(view, batch, feats if keep else None, dets))
-        self.recomputed_views = sum(p.feats is None for p in passes) if self._needs_heads() else 0
+        if self._needs_heads():
+            self.recomputed_views = max(self.recomputed_views, sum(p.feats is None for p in passes))
         return passes
 
     def _needs_heads(self) -> bool:
