@@ -54,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where ours runs (ensemble-boxes is numpy)")
     return parser
 
 
@@ -126,6 +127,8 @@ def time_it(
         try:
             start = time.perf_counter()
             result = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         except _Timeout:
             return None, None, 0
@@ -170,9 +173,9 @@ def main(args: argparse.Namespace) -> dict:
     for method in args.methods:
         run_theirs[method]([wb / wside], [ws], [wl])
         fuse_boxes(
-            torch.from_numpy(wb).to(dtype),
-            torch.from_numpy(ws).to(dtype),
-            torch.from_numpy(wl),
+            torch.from_numpy(wb).to(args.device, dtype),
+            torch.from_numpy(ws).to(args.device, dtype),
+            torch.from_numpy(wl).to(args.device),
             method=method,
             num_views=args.views,
         )
@@ -188,8 +191,9 @@ def main(args: argparse.Namespace) -> dict:
             [scores[view_ids == v] for v in range(args.views)],
             [labels[view_ids == v] for v in range(args.views)],
         )
-        tb, ts = torch.from_numpy(boxes).to(dtype), torch.from_numpy(scores).to(dtype)
-        tl = torch.from_numpy(labels)
+        tb = torch.from_numpy(boxes).to(args.device, dtype)
+        ts = torch.from_numpy(scores).to(args.device, dtype)
+        tl = torch.from_numpy(labels).to(args.device)
         for method in args.methods:
             ours = functools.partial(
                 fuse_boxes, tb, ts, tl, method=method, iou_thresh=IOU[method], soft_sigma=SOFT_SIGMA,
@@ -202,7 +206,9 @@ def main(args: argparse.Namespace) -> dict:
             if theirs is not None:
                 our_scores = ts[fused.source] if method == "soft-nms" else fused.scores
                 match = same(
-                    canonical(fused.boxes.numpy(), our_scores.numpy(), fused.labels.numpy(), side),
+                    canonical(
+                        fused.boxes.cpu().numpy(), our_scores.cpu().numpy(), fused.labels.cpu().numpy(), side
+                    ),
                     canonical(*theirs, 1.0),
                 )
             entry = {
@@ -230,6 +236,7 @@ def main(args: argparse.Namespace) -> dict:
         "bench": "fusion_vs_ensemble_boxes",
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "views": args.views,

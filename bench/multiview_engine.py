@@ -13,7 +13,7 @@ Prints a table and a final JSON line. Timings are each measurement's fastest of 
 The ratios depend on the model: the embedded benchmark's ResNet-18 / 64-channel FPN at ~256 px has heads as
 costly as its backbone. ``--arch resnet50`` times a randomly initialised torchvision R-CNN at COCO's defaults
 instead (ResNet-50 FPN, 80 classes, masks, 17 person keypoints, test size 800, so ``paper`` = 400..1200 px)
-on the photographs of ``--image-dir``; random weights hold for timing (every view is made to return its full
+on the photographs of ``--tiny-coco``; random weights hold for timing (every view is made to return its full
 100 detections: per-view score threshold 0), not for quality, which is then skipped.
 """
 
@@ -58,7 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=["resnet50", "resnet34", "resnet18", "mobilenet_v3_large"],
         help="time a random-init torchvision R-CNN of this backbone at COCO's defaults instead of --model",
     )
-    parser.add_argument("--image-dir", type=Path, default=TINY_COCO / "val2017", help="photos for --arch")
+    parser.add_argument(
+        "--tiny-coco",
+        type=Path,
+        default=TINY_COCO,
+        help="for --arch: the tiny_coco folder (photos from val2017/, COCO's label space from annotations/)",
+    )
     parser.add_argument("--images", type=int, default=16, help="images for the timing runs (0: no timing)")
     parser.add_argument("--quality-images", type=int, default=200, help="unlabeled images scored for quality")
     parser.add_argument("--views", default="paper")
@@ -230,11 +235,13 @@ def _per_class_ap(truth, results: list[dict], cfg) -> dict[str, dict[str, float]
     return out
 
 
-def coco_architecture(backbone: str, device: str, images: list[torch.Tensor]) -> TorchvisionDetector:
+def coco_architecture(
+    backbone: str, device: str, images: list[torch.Tensor], tiny_coco: Path = TINY_COCO
+) -> TorchvisionDetector:
     """A random-init torchvision R-CNN with COCO's label space (80 classes, person keypoints) and masks;
     its BatchNorm statistics are those of ``images`` (identity norms let a random ResNet's activations grow
     by orders of magnitude, and its boxes degenerate)."""
-    annotations = TINY_COCO / "annotations"
+    annotations = tiny_coco / "annotations"
     categories = load_coco(annotations / "instances_val2017.json").categories
     person = {c["id"]: c for c in load_coco(annotations / "person_keypoints_val2017.json").categories}
     categories = [person.get(c["id"], c) for c in categories]
@@ -256,10 +263,11 @@ def main(args: argparse.Namespace) -> dict:
     if (args.model is None) == (args.arch is None):
         raise SystemExit("give either --model (with --data) or --arch")
     if args.arch:
-        images = [image_to_tensor(load_image(p)) for p in sorted(args.image_dir.glob("*.jpg"))[: args.images]]
+        photos = sorted((args.tiny_coco / "val2017").glob("*.jpg"))[: args.images]
+        images = [image_to_tensor(load_image(p)) for p in photos]
         if not images:
-            raise SystemExit(f"no .jpg images under {args.image_dir}")
-        detector = coco_architecture(args.arch, args.device, images)
+            raise SystemExit(f"no .jpg images under {args.tiny_coco / 'val2017'}")
+        detector = coco_architecture(args.arch, args.device, images, args.tiny_coco)
     else:
         if args.data is None:
             raise SystemExit("--model needs --data")
