@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from distill.demo import DEMO_SETTINGS, run_demo, synthetic_data_spec
 from distill.io import write_json_atomic
 from distill.pipeline import PipelineConfig, primary_metric, run_pipeline
-from distill.workflow import DEMO_SETTINGS, evaluate_model, run_demo, synthetic_data_spec, train_model
+from distill.steps import evaluate_model
+from distill.train.torchvision import train_model
 
 METRICS = ("bbox/AP", "segm/AP", "keypoints/AP", "bbox/AP50", "keypoints/AP50")
 # name -> the pipeline sections it changes against the demo round
@@ -79,7 +82,7 @@ def _variant(seed_dir: Path, name: str, seed: int, device: str, **changes) -> di
     for section, values in changes.items():
         spec.setdefault(section, {}).update(values)
     config = PipelineConfig.model_validate({"data": synthetic_data_spec(data), "seed": seed, **spec})
-    summary = run_pipeline(config, seed_dir / name, device=device, echo=print)
+    summary = run_pipeline(config, seed_dir / name, device=device)
     return summary["rounds"][0]["metrics"]["student"]
 
 
@@ -98,7 +101,7 @@ def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
-        summary = run_demo(seed_dir, seed=seed, device=args.device, echo=print)
+        summary = run_demo(seed_dir, seed=seed, device=args.device)
         round_1 = summary["rounds"][0]
         metrics = {
             "teacher": round_1["metrics"]["teacher"],
@@ -141,4 +144,5 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the pipeline's progress lines
     main(get_args_parser().parse_args())

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
+from distill.backends import load_model
 from distill.data.coco import load_coco
 from distill.data.images import decode_images, iter_image_refs, load_image
 from distill.evaluate import evaluate
 from distill.export import detections_to_coco
 from distill.models.config import config_from_coco_categories
-from distill.models.store import load_model
 from distill.models.torchvision import TorchvisionDetector
 from distill.structures import Detections
 from distill.train.data import image_to_tensor

@@ -21,11 +21,11 @@ from distill.data.coco import load_coco
 from distill.data.images import iter_image_refs
 from distill.data.synthetic import generate
 from distill.models.config import config_from_coco_categories
-from distill.models.store import build_detector
 from distill.predict import iter_predictions
 from distill.recipes import load_recipe
 from distill.train.data import CocoDetectionDataset
 from distill.train.loop import TrainConfig, train_detector
+from distill.train.torchvision import build_detector
 
 
 def get_args_parser() -> argparse.ArgumentParser:

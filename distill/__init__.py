@@ -1,6 +1,7 @@
 """distill: Data Distillation (Radosavovic et al., CVPR 2018) for R-CNN detectors."""
 
 from distill.errors import (
+    Cancelled,
     CocoFormatError,
     DistillError,
     ImageDecodeError,
@@ -12,6 +13,7 @@ from distill.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cancelled",
     "CocoFormatError",
     "DistillError",
     "ImageDecodeError",

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from distill.errors import InputError, TrainingError
+from distill.errors import Cancelled, InputError, TrainingError
 
 app = typer.Typer(
     add_completion=False,
@@ -44,7 +44,7 @@ def synth(
     from distill.data.synthetic import generate
 
     try:
-        result = generate(out, preset=preset, seed=seed)
+        result = generate(out, preset=preset, seed=seed, context=_cli_context())
     except ValueError as exc:
         raise InputError(str(exc)) from None
     for split, count in result.num_images.items():
@@ -86,77 +86,46 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Train a detector on a COCO dataset (with --pseudo: a student on labeled + pseudo-labeled images)."""
-    from distill.workflow import train_model, train_student
+    from distill import steps
+    from distill.backends import list_backends
+    from distill.specs import TrainSpec
 
-    if backend not in ("torchvision", "detectron2"):
-        raise InputError(f"--backend {backend!r}: expected torchvision or detectron2")
-    if backend == "detectron2":
-        _train_detectron2(train_json, images, out, config, init, iterations, seed, pseudo, pseudo_images,
-                          ratio, _parse_sets(set_), device)  # fmt: skip
-        return
-    if set_:
+    if backend not in list_backends():
+        raise InputError(f"--backend {backend!r}: expected {' or '.join(list_backends())}")
+    if set_ and backend != "detectron2":
         raise InputError("--set is for --backend detectron2 (torchvision recipes take a YAML file)")
-    overrides = {k: v for k, v in {"iterations": iterations, "seed": seed}.items() if v is not None}
-    if pseudo is None:
-        result = train_model(
-            train_json,
-            images,
-            out,
-            recipe=config,
-            init=init,
-            device=_device(device),
-            train_overrides=overrides,
-            progress=_train_progress(),
-        )
-    else:
-        result = train_student(
-            train_json,
-            images,
-            pseudo,
-            pseudo_images or images,
-            out,
-            recipe=config,
-            init=init,
-            ratio=_parse_ratio(ratio),
-            device=_device(device),
-            train_overrides=overrides,
-            progress=_train_progress(),
-        )
-    _echo_trained(result, out)
-
-
-def _train_detectron2(train_json, images, out, config, init, iterations, seed, pseudo, pseudo_images, ratio,
-                      opts, device) -> None:  # fmt: skip
-    if config is None:
+    if backend == "detectron2" and config is None:
         raise InputError("--backend detectron2 needs --config: a detectron2 .yaml or a model-zoo config name")
-    try:
-        from distill.models.detectron2 import load_cfg
-        from distill.train.detectron2 import train_detectron2
-    except ImportError as exc:
-        raise InputError(str(exc)) from None
-    result = train_detectron2(
-        load_cfg(config, opts),
-        train_json,
-        images,
-        out,
-        pseudo_json=pseudo,
-        pseudo_images=pseudo_images or images,
+    spec = TrainSpec(
+        out=str(out),
+        labeled=str(train_json),
+        labeled_images=str(images),
+        pseudo=None if pseudo is None else str(pseudo),
+        pseudo_images=str(pseudo_images or images) if pseudo is not None else None,
         ratio=_parse_ratio(ratio),
+        backend=backend,
+        config=config,
+        config_overrides=_parse_sets(set_),
         init=init,
         iterations=iterations,
-        seed=seed or 0,
+        seed=seed,
         device=_device(device),
-        progress=_train_progress(),
     )
+    result = steps.train(spec, context=_cli_context())
     _echo_trained(result, out)
 
 
 def _echo_trained(result, out: Path) -> None:
-    typer.echo(
-        f"trained {result.iterations} iterations in {result.seconds / 60:.1f} min; loss "
-        f"{result.first_losses.get('total', float('nan')):.3f} -> "
-        f"{result.final_losses.get('total', float('nan')):.3f}"
-    )
+    if result.reused:
+        typer.echo(f"{out} is complete already ({result.info.get('iterations')} iterations)")
+    else:
+        first = result.metrics["first_loss"].get("total", float("nan"))
+        final = result.metrics["final_loss"].get("total", float("nan"))
+        minutes = result.info["seconds"] / 60
+        typer.echo(
+            f"trained {result.info['iterations']} iterations in {minutes:.1f} min; "
+            f"loss {first:.3f} -> {final:.3f}"
+        )
     typer.echo(f"model: {out}")
 
 
@@ -200,9 +169,9 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Run a model on images and write COCO results (multi-view: plus OUT.views.json with agreement)."""
+    from distill.backends import load_model
     from distill.data.images import iter_image_refs
     from distill.io import write_json_atomic
-    from distill.models.store import load_model
 
     detector = load_model(model, device=_device(device))
     refs = iter_image_refs(images, images_dir=images_dir)
@@ -319,7 +288,7 @@ def import_detectron2(
     model_dir = import_detectron2_model(
         config, weights, out, opts=_parse_sets(set_), categories_file=categories
     )
-    from distill.models.store import load_model
+    from distill.backends import load_model
 
     detector = load_model(model_dir)
     c = detector.config
@@ -351,9 +320,9 @@ def evaluate(
         dataset = load_coco(truth)
         metrics = run_eval(dataset, load_results(predictions, dataset))
     else:
-        from distill.workflow import evaluate_model
+        from distill.steps import evaluate_model
 
-        metrics = evaluate_model(model, truth, images, device=_device(device))
+        metrics = evaluate_model(model, truth, images, device=_device(device), context=_cli_context())
     typer.echo(format_table({"value": metrics}, keys=("AP", "AP50", "AP75", "APs", "APm", "APl")))
     if json_out is not None:
         write_json_atomic(json_out, metrics, indent=2)
@@ -377,8 +346,8 @@ def calibrate(
     strict: Annotated[bool, typer.Option(help="fail (exit 2) on a health warning")] = False,
 ) -> None:
     """Calibrate the score threshold (pseudo-instances per image = labeled mean); write pseudo-labels."""
-    from distill.pipeline import describe_calibration
-    from distill.workflow import make_pseudo_labels
+    from distill.pseudo.make import make_pseudo_labels
+    from distill.report import describe_calibration
 
     if threshold is not None and per_class:
         raise InputError("--threshold and --per-class exclude each other")
@@ -394,7 +363,7 @@ def calibrate(
         keypoint_threshold=keypoint_threshold,
         strict=strict,
     )
-    for line in describe_calibration(calibration).splitlines():
+    for line in describe_calibration(calibration.to_dict(), calibration.warnings).splitlines():
         typer.echo(line, err=line.startswith("warning"))
     typer.echo(f"wrote {out} (+ {out.stem}.calibration.json / .png)")
 
@@ -412,7 +381,7 @@ def run(
     pipeline = PipelineConfig.from_yaml(config)
     if rounds is not None:
         pipeline.rounds = rounds
-    summary = run_pipeline(pipeline, out, device=_device(device), echo=typer.echo, progress=_train_progress())
+    summary = run_pipeline(pipeline, out, device=_device(device), context=_cli_context())
     typer.echo(f"final model: {summary['final_model']}; report: {out / 'report.md'}")
 
 
@@ -435,55 +404,81 @@ def demo(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """The whole round on the embedded benchmark: teacher, pseudo-labels, student, teacher vs student."""
-    from distill.workflow import run_demo
+    from distill.demo import run_demo
 
     summary = run_demo(
-        out,
-        preset=preset,
-        seed=seed,
-        iterations=iterations,
-        device=_device(device),
-        progress=_train_progress(),
-        echo=typer.echo,
+        out, preset=preset, seed=seed, iterations=iterations, device=_device(device), context=_cli_context()
     )
     typer.echo(json.dumps(summary["minutes"], indent=None))
 
 
-def _train_progress():
+@app.command()
+def backends() -> None:
+    """List the detector backends and whether each can run here."""
+    from distill.backends import list_backends
+
+    for name, reason in list_backends().items():
+        typer.echo(f"{name:<12} {'available' if reason is None else 'unavailable: ' + reason}")
+
+
+def _cli_context():
+    """A step context drawing one progress bar per stage on stderr (training shows loss, lr and it/s)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distill.hooks import StepContext
 
     state: dict = {}
 
-    def report(p) -> None:
-        if "bar" not in state:
+    def report(event) -> None:
+        if state.get("stage") != event.stage:
+            if "bar" in state:
+                state["bar"].stop()
             bar = Progress(
-                TextColumn("train"),
+                TextColumn(f"{event.stage:>8}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),
-                transient=False,
+                console=Console(stderr=True),
             )
             bar.start()
-            state["bar"] = bar
-            state["task"] = bar.add_task("train", total=p.total, completed=p.iteration - 1, info="")
-        bar = state["bar"]
-        bar.update(
-            state["task"],
-            completed=p.iteration,
-            info=f"loss {p.losses['total']:.3f}  lr {p.lr:.4f}  {p.iters_per_second:.2f} it/s",
-        )
-        if p.iteration >= p.total:
-            bar.stop()
-            state.clear()
+            state.update(
+                stage=event.stage, bar=bar, task=bar.add_task(event.stage, total=event.total, info="")
+            )
+        values, info = event.values, event.message
+        if "total" in values:
+            speed = values.get("iters_per_second", 0.0)
+            info = f"loss {values['total']:.3f}  lr {values.get('lr', 0):.4f}  {speed:.2f} it/s"
+        state["bar"].update(state["task"], completed=event.done, total=event.total, info=info)
+        if event.total is not None and event.done >= event.total:
+            state.pop("bar").stop()
+            state.pop("stage")
 
-    return report
+    return StepContext(progress=report)
+
+
+def _setup_logging() -> None:
+    """The library logs through ``logging``; the CLI prints its INFO lines plainly on stdout."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("distill")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
 
 
 def main() -> None:
-    """Console entry point: distill's errors exit 2 (bad input) or 1 (training); usage errors exit 2."""
+    """Console entry point: distill's errors exit 2 (bad input) or 1 (training), a cancel 130; usage errors
+    exit 2."""
+    _setup_logging()
     try:
         app()  # standalone mode: usage errors print and exit 2, success exits 0
+    except Cancelled as exc:
+        _err(str(exc))
+        sys.exit(130)
     except InputError as exc:
         _err(str(exc))
         sys.exit(2)

@@ -7,7 +7,8 @@
     │   ├── CocoFormatError      a COCO dataset/results file that does not validate
     │   ├── ImageDecodeError     an image that cannot be read (corrupt, truncated, too large)
     │   └── ModelFileError       a model directory / weights file that is missing, wrong or truncated
-    └── TrainingError            training cannot go on (e.g. the loss became NaN/Inf)
+    ├── TrainingError            training cannot go on (e.g. the loss became NaN/Inf)
+    └── Cancelled                a step was asked to stop (its checkpoint / partial output is kept)
 
 Messages say what was found, what was expected and what to check.
 """
@@ -56,3 +57,16 @@ class ModelFileError(InputError):
 
 class TrainingError(DistillError):
     """Training had to stop (non-finite loss, empty dataset, ...)."""
+
+
+class Cancelled(DistillError):
+    """A step stopped because its cancel check said so.
+
+    Whatever the step had made stays resumable (a training checkpoint, a ``.partial`` predictions file), and
+    nothing it leaves claims to be complete: running the same step again continues where it stopped.
+    ``where`` says what was interrupted, e.g. ``training at iteration 40 of 300``.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        super().__init__(f"cancelled: {where}")

@@ -25,19 +25,37 @@ command after an interruption continues where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from distill import steps
+from distill.backends import get_backend, model_backend
 from distill.errors import InputError
 from distill.evaluate import BOX_METRICS, KEYPOINT_METRICS, format_table
+from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_json_atomic, write_text_atomic
-from distill.models.store import read_meta
-from distill.train.loop import TrainProgress
+from distill.layout import RoundLayout, RunLayout
+from distill.models.config import load_model_config
+from distill.models.files import CONFIG_FILE, WEIGHTS_FILE, file_sha256, is_complete
+from distill.recipes import RECIPES, load_recipe
+from distill.report import describe_calibration, render_report
+from distill.specs import (
+    CalibrationSpec,
+    EvaluateSpec,
+    InferenceSpec,
+    InferSpec,
+    PseudoLabelSpec,
+    TrainSpec,
+)
+from distill.train.loop import TrainConfig
+from distill.tta.views import parse_views
+
+logger = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -60,23 +78,6 @@ class TeacherSpec(_Strict):
     iterations: int | None = Field(None, ge=1)
 
 
-class InferenceSpec(_Strict):
-    views: str = "paper"
-    fusion: Literal["nms", "vote", "soft-nms", "wbf"] = "nms"
-    batch_size: int = Field(2, ge=1)
-    max_detections: int = Field(100, ge=1)
-    score_floor: float = Field(0.0, ge=0, le=1)
-    view_score_thresh: float | None = Field(None, ge=0, le=1)
-    feature_cache_mb: float | None = Field(None, gt=0)  # None: sized from the free memory (FusionConfig)
-
-
-class CalibrationSpec(_Strict):
-    per_class: bool = False
-    threshold: float | None = None
-    min_agreement: float | None = Field(None, ge=0, le=1)
-    strict: bool = False
-
-
 class StudentSpec(_Strict):
     recipe: str | None = None  # default: the teacher's recipe
     init: str = "scratch"  # scratch | imagenet | teacher | PATH
@@ -87,6 +88,7 @@ class StudentSpec(_Strict):
 
 class EvaluationSpec(_Strict):
     primary: str = "bbox/AP"  # IOU_TYPE/METRIC deciding promotion, e.g. keypoints/AP
+    min_gain: float = Field(0.0, ge=0)  # the student is promoted when primary > the teacher's + min_gain
 
     @field_validator("primary")
     @classmethod
@@ -144,8 +146,6 @@ class PipelineConfig(_Strict):
 
 def _relative_file(value: str | None, base: Path) -> str | None:
     """A recipe name stays; a relative file path is taken relative to the pipeline YAML's folder."""
-    from distill.recipes import RECIPES
-
     if value is None or value in RECIPES or Path(value).is_absolute():
         return value
     return str(base / value)
@@ -163,92 +163,242 @@ def primary_metric(metrics: dict[str, dict[str, float]], primary: str) -> float:
     return float(metrics[iou_type][name or "AP"])
 
 
+def decide_promotion(
+    config: PipelineConfig, teacher: dict[str, dict[str, float]], student: dict[str, dict[str, float]]
+) -> tuple[bool, float, float]:
+    """(promoted, teacher value, student value) of the primary metric: the student must beat the teacher by
+    more than ``evaluation.min_gain``."""
+    t_value = primary_metric(teacher, config.evaluation.primary)
+    s_value = primary_metric(student, config.evaluation.primary)
+    return s_value > t_value + config.evaluation.min_gain, t_value, s_value
+
+
+# -- the specs of a round's steps (what a worker runs; run_pipeline runs the same ones) ---------------------
+def teacher_iterations(config: PipelineConfig) -> int:
+    """The teacher's schedule length: ``teacher.iterations``, else the given teacher model's own (its
+    training record, or a detectron2 config's ``SOLVER.MAX_ITER``), else the teacher recipe's."""
+    if config.teacher.iterations is not None:
+        return config.teacher.iterations
+    if config.teacher.model is not None:
+        backend = get_backend(model_backend(config.teacher.model), require_available=False)
+        trained = backend.default_iterations(config.teacher.model)
+        if trained:
+            return trained
+    return TrainConfig.model_validate(load_recipe(config.teacher.recipe)["train"]).iterations
+
+
+def student_iterations(config: PipelineConfig) -> int:
+    spec = config.student
+    return spec.iterations or max(1, round(spec.schedule_factor * teacher_iterations(config)))
+
+
+def teacher_train_spec(config: PipelineConfig, out: str, *, device: str = "cpu") -> TrainSpec:
+    """Train the round's teacher from the labeled split (when the config gives no teacher model)."""
+    data = config.data
+    return TrainSpec(
+        out=out,
+        labeled=str(data.labeled),
+        labeled_images=str(data.labeled_images),
+        config=config.teacher.recipe,
+        init=config.teacher.init,
+        iterations=teacher_iterations(config),
+        seed=config.seed,
+        device=device,
+    )
+
+
+def infer_spec(
+    config: PipelineConfig, teacher: str, out: str, *, shard: tuple[int, int] = (0, 1), device: str = "cpu"
+) -> InferSpec:
+    """Shard ``shard`` of the teacher's multi-view inference on the unlabeled set."""
+    data = config.data
+    return InferSpec(
+        model=teacher,
+        images=str(data.unlabeled),
+        images_dir=None if data.unlabeled_images is None else str(data.unlabeled_images),
+        out=out,
+        shard=shard,
+        inference=config.inference,
+        device=device,
+    )
+
+
+def pseudo_label_spec(
+    config: PipelineConfig, teacher: str, predictions: list[str], out: str
+) -> PseudoLabelSpec:
+    """Calibrate on every shard's predictions and write the pseudo-label file ``out``."""
+    data = config.data
+    return PseudoLabelSpec(
+        predictions=predictions,
+        unlabeled=str(data.unlabeled),
+        unlabeled_images=None if data.unlabeled_images is None else str(data.unlabeled_images),
+        labeled=str(data.labeled),
+        out=out,
+        calibration=config.calibration,
+        provenance={
+            "teacher": teacher,
+            "teacher_sha256": file_sha256(Path(teacher) / WEIGHTS_FILE),
+            "views": views_record(config, teacher),
+        },
+    )
+
+
+def student_train_spec(
+    config: PipelineConfig, teacher: str, pseudo: str, out: str, *, device: str = "cpu"
+) -> TrainSpec:
+    """The student: the teacher's backend, labeled + pseudo-labels at ``student.ratio``, re-initialised."""
+    data, spec = config.data, config.student
+    common = {
+        "out": out,
+        "labeled": str(data.labeled),
+        "labeled_images": str(data.labeled_images),
+        "pseudo": pseudo,
+        "pseudo_images": str(data.unlabeled_images or _images_root(data.unlabeled)),
+        "ratio": spec.ratio,
+        "init": teacher if spec.init == "teacher" else spec.init,
+        "iterations": student_iterations(config),
+        "seed": config.seed,
+        "device": device,
+    }
+    if model_backend(teacher) == "detectron2":  # the teacher's architecture, re-initialised
+        return TrainSpec(backend="detectron2", architecture_from=teacher, **common)
+    recipe = spec.recipe if spec.recipe is not None else config.teacher.recipe
+    return TrainSpec(backend="torchvision", config=recipe, **common)
+
+
+def evaluate_spec(config: PipelineConfig, model: str, out: str, *, device: str = "cpu") -> EvaluateSpec:
+    assert config.data.test is not None
+    images = config.data.test_images
+    return EvaluateSpec(
+        model=model, truth=str(config.data.test), images=None if images is None else str(images), out=out,
+        device=device,
+    )  # fmt: skip
+
+
+def _images_root(unlabeled: Path) -> Path:
+    return unlabeled if unlabeled.is_dir() else unlabeled.parent
+
+
+# -- in-process composition ---------------------------------------------------------------------------------
 def run_pipeline(
     config: PipelineConfig,
     out: str | Path,
     *,
     device: str = "cpu",
-    echo: Callable[[str], None] = print,
-    progress: Callable[[TrainProgress], None] | None = None,
+    context: StepContext = NULL_CONTEXT,
 ) -> dict[str, Any]:
-    """Run ``config.rounds`` distillation rounds under ``out``; returns (and writes) the summary."""
-    out = Path(out)
-    _check_same_config(config, out / "pipeline.yaml")
+    """Run ``config.rounds`` distillation rounds under ``out``; returns (and writes) the summary.
+
+    Each round is the steps of :mod:`distill.steps` in order, with one inference shard; a cancel raises
+    :class:`~distill.errors.Cancelled` from the running step, and running again resumes.
+    """
+    layout = RunLayout(str(Path(out)))
+    _check_same_config(config, Path(layout.pipeline_config))
     _check_inputs(config)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "pipeline.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    Path(layout.root).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(layout.pipeline_config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     rounds: list[dict[str, Any]] = []
-    teacher_dir = config.teacher.model
+    teacher = None if config.teacher.model is None else str(config.teacher.model)
     teacher_metrics: dict[str, dict[str, float]] | None = None
     for k in range(1, config.rounds + 1):
-        round_dir = out / f"round_{k}"
-        minutes: dict[str, float] = {}
-        if teacher_dir is None:
-            teacher_dir = round_dir / "teacher"
-            with _timer(minutes, "teacher"):
-                _train_teacher(config, teacher_dir, device, echo, progress)
-        if config.data.test is not None and teacher_metrics is None:
-            with _timer(minutes, "evaluate_teacher"):
-                teacher_metrics = _cached_metrics(
-                    round_dir / "teacher_metrics.json", teacher_dir, config, device
-                )
-            primary_metric(teacher_metrics, config.evaluation.primary)  # fails now, not after the student
-        with _timer(minutes, "inference"):
-            predictions, views = _infer(config, teacher_dir, round_dir / "predictions.jsonl", device, echo)
-        with _timer(minutes, "calibrate"):
-            calibration = _pseudo_labels(config, teacher_dir, predictions, views, round_dir, echo)
-        student_dir = round_dir / "student"
-        with _timer(minutes, "student"):
-            iterations = _train_student(config, teacher_dir, round_dir, student_dir, device, echo, progress)
-        record: dict[str, Any] = {
-            "round": k,
-            "teacher": str(teacher_dir),
-            "student": str(student_dir),
-            "student_iterations": iterations,
-            "views": views,
-            "calibration": {
-                key: calibration[key]
-                for key in ("mode", "threshold", "class_thresholds", "keypoint_thresholds", "kept_per_image")
-            }
-            | {
-                "labeled_per_image": calibration["labeled_instances_per_image"],
-                "warnings": calibration["warnings"],
-            },
-            "pseudo_labels": str(round_dir / "pseudo.json"),
-        }
-        promoted = True
-        if config.data.test is not None:
-            with _timer(minutes, "evaluate_student"):
-                student_metrics = _cached_metrics(round_dir / "metrics.json", student_dir, config, device)
-            assert teacher_metrics is not None
-            t_value = primary_metric(teacher_metrics, config.evaluation.primary)
-            s_value = primary_metric(student_metrics, config.evaluation.primary)
-            promoted = s_value > t_value
-            record["metrics"] = {"teacher": teacher_metrics, "student": student_metrics}
-            record["primary"] = {"metric": config.evaluation.primary, "teacher": t_value, "student": s_value}
-            echo(f"round {k}: teacher vs student on {config.data.test} (AP in points)")
-            echo(format_table({"teacher": teacher_metrics, "student": student_metrics}))
-            verdict = "promoted" if promoted else "not promoted (the teacher stays)"
-            metric = config.evaluation.primary
-            echo(f"{metric}: teacher {100 * t_value:.1f}, student {100 * s_value:.1f} -> {verdict}")
-        record["promoted"] = promoted
-        record["minutes"] = {key: round(v, 2) for key, v in minutes.items()}
+        record, teacher_metrics = _run_round(
+            config, layout.round(k), teacher, teacher_metrics, device, context
+        )
+        teacher = record["teacher"]
         rounds.append(record)
-        if not promoted:  # the next round would repeat this one with the same teacher and seed
+        if not record["promoted"]:  # the next round would repeat this one with the same teacher and seed
             if k < config.rounds:
-                echo(f"stopping after round {k}: the student did not beat the teacher")
+                logger.info("stopping after round %d: the student did not beat the teacher", k)
             break
-        teacher_dir = student_dir
+        teacher = record["student"]
         teacher_metrics = record.get("metrics", {}).get("student")
-    summary = {
-        "run": str(out),
-        "rounds": rounds,
-        "final_model": str(teacher_dir),
-        "seed": config.seed,
-    }
-    write_json_atomic(out / "summary.json", summary, indent=2)
-    write_text_atomic(out / "report.md", render_report(summary))
+    summary = {"run": layout.root, "rounds": rounds, "final_model": teacher, "seed": config.seed}
+    write_json_atomic(layout.summary, summary, indent=2)
+    write_text_atomic(layout.report, render_report(summary))
     return summary
+
+
+def _run_round(
+    config: PipelineConfig,
+    layout: RoundLayout,
+    teacher: str | None,
+    teacher_metrics: dict[str, dict[str, float]] | None,
+    device: str,
+    context: StepContext,
+) -> tuple[dict[str, Any], dict[str, dict[str, float]] | None]:
+    """One round; returns its summary record and the teacher's test metrics."""
+    k = layout.number
+    minutes: dict[str, float] = {}
+    if teacher is None:
+        teacher = layout.teacher
+        with _timer(minutes, "teacher"):
+            spec = teacher_train_spec(config, teacher, device=device)
+            if not is_complete(teacher, spec.iterations):
+                logger.info(
+                    "training the teacher on %s (%d iterations)", config.data.labeled, spec.iterations
+                )
+            steps.train(spec, context=context)
+    if config.data.test is not None and teacher_metrics is None:
+        with _timer(minutes, "evaluate_teacher"):
+            teacher_metrics = steps.evaluate(
+                evaluate_spec(config, teacher, layout.teacher_metrics, device=device), context=context
+            ).metrics
+        primary_metric(teacher_metrics, config.evaluation.primary)  # fails now, not after the student
+    with _timer(minutes, "inference"):
+        inferred = steps.infer(
+            infer_spec(config, teacher, layout.predictions, device=device), context=context
+        )
+        for warning in inferred.warnings:
+            logger.warning("%s", warning)
+    with _timer(minutes, "calibrate"):
+        spec = pseudo_label_spec(config, teacher, [layout.predictions], layout.pseudo)
+        labeled = steps.pseudo_label(spec, context=context)
+        if not labeled.reused:
+            logger.info("%s", describe_calibration(labeled.metrics, labeled.warnings))
+    with _timer(minutes, "student"):
+        spec = student_train_spec(config, teacher, layout.pseudo, layout.student, device=device)
+        if not is_complete(layout.student, spec.iterations):
+            mix = f"{spec.ratio[0]:g}:{spec.ratio[1]:g}"
+            logger.info("training the student (%d iterations, labeled:pseudo = %s)", spec.iterations, mix)
+        steps.train(spec, context=context)
+    record: dict[str, Any] = {
+        "round": k,
+        "teacher": teacher,
+        "student": layout.student,
+        "student_iterations": spec.iterations,
+        "views": views_record(config, teacher),
+        "calibration": {
+            key: labeled.metrics[key]
+            for key in ("mode", "threshold", "class_thresholds", "keypoint_thresholds", "kept_per_image")
+        }
+        | {"labeled_per_image": labeled.metrics["labeled_per_image"], "warnings": labeled.warnings},
+        "pseudo_labels": layout.pseudo,
+        "promoted": True,
+    }
+    if config.data.test is not None:
+        assert teacher_metrics is not None
+        with _timer(minutes, "evaluate_student"):
+            student_metrics = steps.evaluate(
+                evaluate_spec(config, layout.student, layout.student_metrics, device=device), context=context
+            ).metrics
+        promoted, t_value, s_value = decide_promotion(config, teacher_metrics, student_metrics)
+        record["metrics"] = {"teacher": teacher_metrics, "student": student_metrics}
+        record["primary"] = {"metric": config.evaluation.primary, "teacher": t_value, "student": s_value}
+        record["promoted"] = promoted
+        logger.info("round %d: teacher vs student on %s (AP in points)", k, config.data.test)
+        logger.info("%s", format_table(record["metrics"]))
+        verdict = "promoted" if promoted else "not promoted (the teacher stays)"
+        logger.info("%s: teacher %.1f, student %.1f -> %s", config.evaluation.primary, 100 * t_value,
+                    100 * s_value, verdict)  # fmt: skip
+    record["minutes"] = {key: round(v, 2) for key, v in minutes.items()}
+    return record, teacher_metrics
+
+
+def views_record(config: PipelineConfig, teacher: str) -> dict[str, Any]:
+    """The view set the teacher runs (its sizes resolved against its test view) and the fusion settings."""
+    model = load_model_config(Path(teacher) / CONFIG_FILE)
+    views = parse_views(config.inference.views, test_size=model.test_size, max_size=model.max_size)
+    return {**views.to_dict(), "fusion": config.inference.model_dump(mode="json")}
 
 
 # settings that change how fast a run goes, not what it makes: a resumed run may change them
@@ -328,207 +478,3 @@ class _timer:
 
     def __exit__(self, *exc: object) -> None:
         self.minutes[self.key] = (time.perf_counter() - self.start) / 60
-
-
-def _finished(model_dir: Path, iterations: int) -> bool:
-    meta = read_meta(model_dir)
-    return (model_dir / "weights.pt").exists() and meta.get("training", {}).get("iterations") == iterations
-
-
-def _teacher_iterations(config: PipelineConfig) -> int:
-    from distill.recipes import load_recipe
-    from distill.train.loop import TrainConfig
-
-    if config.teacher.iterations is not None:
-        return config.teacher.iterations
-    if config.teacher.model is not None:  # a given teacher: its own schedule when its meta.json has it
-        trained = read_meta(config.teacher.model).get("training", {}).get("iterations")
-        if trained:
-            return int(trained)
-    return TrainConfig.model_validate(load_recipe(config.teacher.recipe)["train"]).iterations
-
-
-def _train_teacher(config, teacher_dir: Path, device, echo, progress) -> None:
-    from distill.workflow import train_model
-
-    iterations = _teacher_iterations(config)
-    if _finished(teacher_dir, iterations):
-        echo(f"teacher: {teacher_dir} is complete")
-        return
-    echo(f"training the teacher on {config.data.labeled} ({iterations} iterations)")
-    train_model(
-        config.data.labeled,
-        config.data.labeled_images,
-        teacher_dir,
-        recipe=config.teacher.recipe,
-        init=config.teacher.init,
-        device=device,
-        train_overrides={"iterations": iterations, "seed": config.seed},
-        progress=progress,
-    )
-
-
-def _infer(config, teacher_dir: Path, out: Path, device, echo) -> tuple[Path, dict]:
-    from distill.data.images import iter_image_refs
-    from distill.models.store import load_model
-    from distill.tta.engine import FusionConfig, MultiViewEngine
-    from distill.tta.stream import run_to_jsonl
-    from distill.tta.views import parse_views
-
-    spec = config.inference
-    detector = load_model(teacher_dir, device=device)
-    views = parse_views(spec.views, test_size=detector.config.test_size, max_size=detector.config.max_size)
-    fusion = FusionConfig(
-        method=spec.fusion,
-        max_detections=spec.max_detections,
-        score_floor=spec.score_floor,
-        view_score_thresh=spec.view_score_thresh,
-        feature_cache_mb=spec.feature_cache_mb,
-    )
-    refs = iter_image_refs(config.data.unlabeled, images_dir=config.data.unlabeled_images)
-    if not out.exists():
-        echo(f"multi-view inference: {len(refs)} unlabeled images x {len(views)} views ({spec.views})")
-    result = run_to_jsonl(MultiViewEngine(detector, views, fusion), refs, out, batch_size=spec.batch_size)
-    for path, reason in result.skipped:
-        echo(f"skipped {path}: {reason}")
-    return out, {**views.to_dict(), "fusion": spec.model_dump(mode="json")}
-
-
-def _pseudo_labels(config, teacher_dir: Path, predictions: Path, views: dict, round_dir: Path, echo) -> dict:
-    from distill.workflow import file_sha256, make_pseudo_labels
-
-    out = round_dir / "pseudo.json"
-    report = out.with_name("pseudo.calibration.json")
-    if out.exists() and report.exists():
-        return json.loads(report.read_text())
-    spec = config.calibration
-    calibration = make_pseudo_labels(
-        predictions,
-        unlabeled=config.data.unlabeled,
-        unlabeled_images_dir=config.data.unlabeled_images,
-        labeled_json=config.data.labeled,
-        out=out,
-        per_class=spec.per_class,
-        threshold=spec.threshold,
-        min_agreement=spec.min_agreement,
-        strict=spec.strict,
-        provenance={
-            "teacher": str(teacher_dir),
-            "teacher_sha256": file_sha256(teacher_dir / "weights.pt"),
-            "views": views,
-        },
-    )
-    echo(describe_calibration(calibration))
-    return calibration.to_dict()
-
-
-def describe_calibration(calibration) -> str:
-    """One or a few lines: threshold(s), kept per image vs the labeled mean, warnings."""
-    if calibration.threshold is not None:
-        thr = f"threshold {calibration.threshold:.4f}"
-    else:
-        thr = "thresholds " + ", ".join(f"{c}: {t:.4f}" for c, t in calibration.class_thresholds.items())
-    lines = [
-        f"calibration ({calibration.mode}): {thr}; {calibration.kept_per_image:.3f} pseudo-instances per "
-        f"unlabeled image (labeled: {calibration.labeled_instances_per_image:.3f}), "
-        f"{calibration.kept_instances} in all"
-    ]
-    if calibration.keypoint_thresholds:
-        lines.append(
-            "keypoint score thresholds: "
-            + ", ".join(f"category {c}: {t:.3f}" for c, t in calibration.keypoint_thresholds.items())
-        )
-    lines.extend(f"warning: {w}" for w in calibration.warnings)
-    return "\n".join(lines)
-
-
-def _train_student(
-    config, teacher_dir: Path, round_dir: Path, student_dir: Path, device, echo, progress
-) -> int:
-    from distill.workflow import train_student
-
-    spec = config.student
-    iterations = spec.iterations or max(1, round(spec.schedule_factor * _teacher_iterations(config)))
-    if _finished(student_dir, iterations):
-        echo(f"student: {student_dir} is complete")
-        return iterations
-    init = str(teacher_dir) if spec.init == "teacher" else spec.init
-    mix = f"{spec.ratio[0]:g}:{spec.ratio[1]:g}"
-    echo(f"training the student ({iterations} iterations, labeled:pseudo = {mix})")
-    if read_meta(teacher_dir).get("backend") == "detectron2":
-        # the student is the teacher's detectron2 architecture, re-initialised, trained by detectron2
-        from distill.train.detectron2 import read_cfg_of_model, train_detectron2
-
-        train_detectron2(
-            read_cfg_of_model(teacher_dir),
-            config.data.labeled,
-            config.data.labeled_images,
-            student_dir,
-            pseudo_json=round_dir / "pseudo.json",
-            pseudo_images=config.data.unlabeled_images or _images_root(config.data.unlabeled),
-            ratio=spec.ratio,
-            init=init,
-            iterations=iterations,
-            seed=config.seed,
-            device=device,
-            progress=progress,
-        )
-        return iterations
-    train_student(
-        config.data.labeled,
-        config.data.labeled_images,
-        round_dir / "pseudo.json",
-        config.data.unlabeled_images or _images_root(config.data.unlabeled),
-        student_dir,
-        recipe=spec.recipe if spec.recipe is not None else config.teacher.recipe,
-        init=init,
-        ratio=spec.ratio,
-        device=device,
-        train_overrides={"iterations": iterations, "seed": config.seed},
-        progress=progress,
-    )
-    return iterations
-
-
-def _images_root(unlabeled: Path) -> Path:
-    return unlabeled if unlabeled.is_dir() else unlabeled.parent
-
-
-def _cached_metrics(path: Path, model_dir: Path, config: PipelineConfig, device: str) -> dict:
-    from distill.workflow import evaluate_model
-
-    if path.exists():
-        return json.loads(path.read_text())
-    metrics = evaluate_model(model_dir, config.data.test, config.data.test_images, device=device)
-    write_json_atomic(path, metrics, indent=2)
-    return metrics
-
-
-def render_report(summary: dict[str, Any]) -> str:
-    """The run's Markdown report: per round the AP table, the calibration plot and the decision."""
-    lines = [
-        "# distill run",
-        "",
-        f"Run directory: `{summary['run']}`; final model: `{summary['final_model']}`",
-        "",
-    ]
-    for r in summary["rounds"]:
-        k = r["round"]
-        lines += [f"## Round {k}", ""]
-        cal = r["calibration"]
-        lines.append(
-            f"- calibration: {cal['mode']}, {cal['kept_per_image']:.3f} pseudo-instances per unlabeled image "
-            f"(labeled: {cal['labeled_per_image']:.3f})"
-        )
-        for w in cal["warnings"]:
-            lines.append(f"- **warning**: {w}")
-        lines.append(f"- student: {r['student_iterations']} iterations")
-        if "metrics" in r:
-            lines += ["", "```", format_table(r["metrics"]), "```", ""]
-            p = r["primary"]
-            lines.append(
-                f"{p['metric']}: teacher {100 * p['teacher']:.1f}, student {100 * p['student']:.1f} -> "
-                + ("**promoted**" if r["promoted"] else "not promoted")
-            )
-        lines += ["", f"![calibration](round_{k}/pseudo.calibration.png)", ""]
-    return "\n".join(lines) + "\n"

@@ -64,7 +64,7 @@ def tiny_config(tiny_data: Path) -> ModelConfig:
 @pytest.fixture(scope="session")
 def trained_tiny_model(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model directory trained briefly on the tiny labeled split (+ unlabeled truth, for more signal)."""
-    from distill.workflow import train_model
+    from distill.train.torchvision import train_model
 
     out = tmp_path_factory.mktemp("tiny_model")
     train_model(

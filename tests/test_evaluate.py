@@ -141,7 +141,7 @@ def test_format_table_lists_columns() -> None:
 def test_a_model_that_detects_nothing_scores_zero_on_every_head(tmp_path, tiny_data, tiny_config) -> None:
     """Rounds compare teacher and student on a metric; a model that found nothing must still have one."""
     from distill.models.torchvision import TorchvisionDetector
-    from distill.workflow import evaluate_model
+    from distill.steps import evaluate_model
 
     blind = TorchvisionDetector(tiny_config.model_copy(update={"score_thresh": 1.0}))
     model_dir = blind.save(tmp_path / "blind")

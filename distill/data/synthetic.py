@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 
+from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_json_atomic
 
 __all__ = [
@@ -769,13 +770,14 @@ def generate(
     *,
     preset: str | SynthPreset = "demo",
     seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    context: StepContext = NULL_CONTEXT,
     **overrides: Any,
 ) -> SynthResult:
     """Write the synthetic dataset to ``out_dir`` (see the module docstring for the layout).
 
-    ``overrides`` replace preset fields, e.g. ``num_unlabeled=2000``. ``progress(done, total)`` is called
-    after each image. Raises ValueError for an unknown preset, an unknown override or a bad seed.
+    ``overrides`` replace preset fields, e.g. ``num_unlabeled=2000``. A ``synth`` progress event follows
+    each image, and a cancel (``context``) raises :class:`~distill.errors.Cancelled` between images (no
+    json written). Raises ValueError for an unknown preset, an unknown override or a bad seed.
 
     Images are written plainly; the four json files are removed first and written (atomically) last, so
     they exist only once every image they list is complete. Files of an earlier, larger run in the same
@@ -791,8 +793,8 @@ def generate(
     def tick() -> None:
         nonlocal done
         done += 1
-        if progress is not None:
-            progress(done, total)
+        context.report("synth", done, total)
+        context.check_cancelled(lambda: f"synthetic data after {done} of {total} images (no json written)")
 
     paths = {stem: out / f"{stem}.json" for stem in _JSON_FILES}
     for path in paths.values():  # the json files are the commit marker: none until all images are written

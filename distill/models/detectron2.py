@@ -29,6 +29,7 @@ from torch import nn
 from distill.errors import InputError, ModelFileError
 from distill.models.base import PreparedBatch, predict_plain_view
 from distill.models.config import Detectron2ModelConfig
+from distill.models.files import WEIGHTS_FILE, load_exact, read_state_dict, save_model
 from distill.structures import Detections
 from distill.transforms import ResizeFlip
 
@@ -268,8 +269,6 @@ class Detectron2Detector(nn.Module):
         cls, directory: str | Path, config: Detectron2ModelConfig, *, device: str | torch.device = "cpu"
     ) -> Detectron2Detector:
         """Rebuild a detector saved with :meth:`save` (weights must match exactly)."""
-        from distill.models.store import WEIGHTS_FILE, load_exact, read_state_dict
-
         directory = Path(directory)
         cfg = load_cfg(directory / config.detectron2_config)
         detector = cls(config, cfg, device=device)
@@ -476,8 +475,6 @@ class Detectron2Detector(nn.Module):
         return {self.config.detectron2_config: cfg.dump()}
 
     def save(self, directory: str | Path, *, extra: dict | None = None) -> Path:
-        from distill.models.store import save_model
-
         return save_model(self, directory, extra=extra)
 
 

@@ -32,6 +32,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from distill.models.base import PreparedBatch, predict_plain_view
 from distill.models.config import ModelConfig
+from distill.models.files import save_model
 from distill.structures import Detections
 from distill.transforms import ResizeFlip
 
@@ -274,8 +275,6 @@ class TorchvisionDetector(nn.Module):
 
     # -- persistence -------------------------------------------------------------------------------------
     def save(self, directory: str | Path, *, extra: dict | None = None) -> Path:
-        from distill.models.store import save_model
-
         return save_model(self, directory, extra=extra)
 
 

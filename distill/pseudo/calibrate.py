@@ -98,6 +98,10 @@ class Calibration:
             return self.threshold
         return self.class_thresholds.get(category_id, math.inf)
 
+    def admits_agreement(self, prediction: dict[str, Any]) -> bool:
+        """Whether ``prediction`` passes ``min_agreement`` (entries without the field count as agreeing)."""
+        return self.min_agreement is None or float(prediction.get("agreement", 1.0)) >= self.min_agreement
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``inf`` thresholds become ``null``)."""
 
@@ -155,6 +159,7 @@ def calibrate(
     image_ids = set(unlabeled_image_ids)
     on_images = [p for p in predictions if p["image_id"] in image_ids]
     pool = [p for p in on_images if min_agreement is None or float(p.get("agreement", 1.0)) >= min_agreement]
+    # (build_pseudo_labels applies the same rule through Calibration.admits_agreement)
     scores = np.array([float(p["score"]) for p in pool], dtype=np.float64)
     cats = np.array([int(p["category_id"]) for p in pool], dtype=np.int64)
     category_ids = sorted(labeled.per_category)

@@ -1,6 +1,7 @@
 """The pseudo-label file: hard labels for the unlabeled images as a COCO dataset, with provenance.
 
-One annotation per kept prediction (score at or above its class's calibrated threshold): ``bbox``, ``area``,
+One annotation per kept prediction (score at or above its class's calibrated threshold, agreement at or above
+the calibration's ``min_agreement``): ``bbox``, ``area``,
 RLE ``segmentation`` when the prediction has a mask, and for keypoint categories ``keypoints`` with ``v=2``
 where the keypoint's score clears the keypoint threshold and ``0, 0, 0`` where it does not, plus
 ``num_keypoints``. Each annotation keeps the prediction's ``score`` and ``agreement``. Every unlabeled image
@@ -59,6 +60,8 @@ def build_pseudo_labels(
         category_id = int(p["category_id"])
         if float(p["score"]) < calibration.threshold_for(category_id):
             continue
+        if not calibration.admits_agreement(p):
+            continue  # calibration counted without it: writing it would break the calibrated density
         ann = _annotation(p, category_id in keypoint_cats, calibration.keypoint_thresholds.get(category_id))
         ann["id"] = next_ann_id
         ann["image_id"] = int(p["image_id"]) + offset

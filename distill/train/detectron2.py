@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,11 @@ from typing import Any
 import torch
 
 from distill.data.coco import load_coco
-from distill.errors import InputError, TrainingError
+from distill.errors import Cancelled, InputError, TrainingError
+from distill.hooks import NULL_CONTEXT, StepContext
 from distill.models.config import Detectron2ModelConfig, config_from_coco_categories
 from distill.models.detectron2 import Detectron2Detector
-from distill.train.loop import TrainProgress
+from distill.models.files import is_complete, read_meta
 from distill.train.samplers import RatioBatchSampler
 
 from detectron2.checkpoint import DetectionCheckpointer  # isort: skip
@@ -53,6 +53,7 @@ class Detectron2TrainResult:
     first_losses: dict[str, float]
     final_losses: dict[str, float]
     seconds: float
+    resumed_from: int = 0
 
 
 def train_detectron2(
@@ -70,7 +71,7 @@ def train_detectron2(
     base_lr: float | None = None,
     seed: int = 0,
     device: str = "cpu",
-    progress: Callable[[TrainProgress], None] | None = None,
+    context: StepContext = NULL_CONTEXT,
 ) -> Detectron2TrainResult:
     """Train ``cfg``'s model on the labeled set (plus pseudo-labels at ``ratio``); save a model dir.
 
@@ -78,14 +79,16 @@ def train_detectron2(
     file here), ``scratch`` (random), or a path (a
     distill model directory such as the teacher, or a detectron2 ``.pth``/``.pkl``). Checkpoints go to
     ``out_dir/checkpoints``; a rerun resumes from the last one. ``iterations`` rescales the LR steps and
-    warm-up of the config's schedule to the new length.
+    warm-up of the config's schedule to the new length. A cancel (``context``) writes a checkpoint at the
+    current iteration and raises :class:`~distill.errors.Cancelled` before any model directory is saved.
     """
     out_dir = Path(out_dir)
     labeled = load_coco(labeled_json)
     label_space = config_from_coco_categories(labeled.categories)
-    pseudo = load_coco(pseudo_json) if pseudo_json is not None else None
-    if pseudo is not None and [c["id"] for c in pseudo.categories] != [c["id"] for c in labeled.categories]:
-        raise InputError(f"{pseudo_json}: categories differ from {labeled_json}'s")
+    if pseudo_json is not None:
+        pseudo = load_coco(pseudo_json)
+        if [c["id"] for c in pseudo.categories] != [c["id"] for c in labeled.categories]:
+            raise InputError(f"{pseudo_json}: categories differ from {labeled_json}'s")
     cfg = _training_cfg(cfg, label_space, out_dir, iterations, batch_size, base_lr, seed, device)
     names = [_register(labeled_json, labeled_images, label_space, "labeled")]
     if pseudo_json is not None:
@@ -93,22 +96,12 @@ def train_detectron2(
     cfg.defrost()
     cfg.DATASETS.TRAIN = tuple(names)
     cfg.freeze()
+    finished = _finished_run(out_dir, cfg.SOLVER.MAX_ITER)
+    if finished is not None:
+        return finished  # complete already: keep its model directory and record as they are
 
-    keypoints = bool(cfg.MODEL.KEYPOINT_ON)
-    config = Detectron2ModelConfig(
-        class_names=list(label_space.class_names),
-        category_ids=list(label_space.category_ids),
-        keypoint_names=list(label_space.keypoint_names) if keypoints else [],
-        keypoint_flip_map=list(label_space.keypoint_flip_map) if keypoints else [],
-        keypoint_sigmas=label_space.keypoint_sigmas if keypoints else None,
-        # detectron2's keypoint head predicts keypoints for every detection, whatever its class
-        keypoint_category_ids=list(label_space.category_ids) if keypoints else [],
-        masks=bool(cfg.MODEL.MASK_ON),
-        test_size=int(cfg.INPUT.MIN_SIZE_TEST),
-        max_size=int(cfg.INPUT.MAX_SIZE_TEST),
-    )
     torch.manual_seed(seed)
-    detector = Detectron2Detector(config, cfg, device=device)
+    detector = Detectron2Detector(_model_config(cfg, label_space), cfg, device=device)
     model = detector.model
     model.train()
     optimizer = build_optimizer(cfg, model)
@@ -118,10 +111,9 @@ def train_detectron2(
         model, str(out_dir / CHECKPOINT_DIR), optimizer=optimizer, scheduler=scheduler
     )
     start_iter = _resume_or_init(checkpointer, detector, init, out_dir)
-
     loader = _data_loader(cfg, names, ratio, seed, start_iter)
     trainer = SimpleTrainer(model, loader, optimizer)
-    record = _Record(progress, cfg.SOLVER.MAX_ITER)
+    record = _Record(context, cfg.SOLVER.MAX_ITER, checkpointer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -133,10 +125,8 @@ def train_detectron2(
         ]
     )
     started = time.perf_counter()
-    finished = _finished_run(out_dir, cfg.SOLVER.MAX_ITER)
-    if start_iter >= cfg.SOLVER.MAX_ITER and finished is not None:
-        return finished  # complete already: keep its model directory and record as they are
     if start_iter < cfg.SOLVER.MAX_ITER:
+        context.check_cancelled(f"detectron2 training before iteration {start_iter}")
         try:
             trainer.train(start_iter, cfg.SOLVER.MAX_ITER)
         except FloatingPointError as exc:
@@ -149,6 +139,7 @@ def train_detectron2(
         first_losses=record.first,
         final_losses=record.last,
         seconds=time.perf_counter() - started,
+        resumed_from=start_iter,
     )
     detector.save(
         out_dir,
@@ -169,18 +160,34 @@ def train_detectron2(
     return result
 
 
+def _model_config(cfg: CfgNode, label_space: Any) -> Detectron2ModelConfig:
+    """distill's ``config.yaml`` of the model ``cfg`` builds: the labeled set's label space, the test view."""
+    keypoints = bool(cfg.MODEL.KEYPOINT_ON)
+    return Detectron2ModelConfig(
+        class_names=list(label_space.class_names),
+        category_ids=list(label_space.category_ids),
+        keypoint_names=list(label_space.keypoint_names) if keypoints else [],
+        keypoint_flip_map=list(label_space.keypoint_flip_map) if keypoints else [],
+        keypoint_sigmas=label_space.keypoint_sigmas if keypoints else None,
+        # detectron2's keypoint head predicts keypoints for every detection, whatever its class
+        keypoint_category_ids=list(label_space.category_ids) if keypoints else [],
+        masks=bool(cfg.MODEL.MASK_ON),
+        test_size=int(cfg.INPUT.MIN_SIZE_TEST),
+        max_size=int(cfg.INPUT.MAX_SIZE_TEST),
+    )
+
+
 def _finished_run(out_dir: Path, iterations: int) -> Detectron2TrainResult | None:
     """The record of a complete run in ``out_dir`` (its ``meta.json``), if there is one of this length."""
-    from distill.models.store import read_meta
-
-    training = read_meta(out_dir).get("training", {})
-    if not (out_dir / "weights.pt").is_file() or training.get("iterations") != iterations:
+    if not is_complete(out_dir, iterations):
         return None
+    training = read_meta(out_dir)["training"]
     return Detectron2TrainResult(
         iterations=iterations,
         first_losses=training.get("first_loss", {}),
         final_losses=training.get("final_loss", {}),
         seconds=float(training.get("seconds", 0.0)),
+        resumed_from=iterations,
     )
 
 
@@ -224,11 +231,15 @@ def _training_cfg(
 
 
 def _register(json_file: str | Path, images: str | Path, label_space: Any, role: str) -> str:
-    """Register a COCO file as a detectron2 dataset (idempotent: the name hashes path and content)."""
-    path = Path(json_file).resolve()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    name = f"distill_{role}_{digest}"
+    """Register a COCO file as a detectron2 dataset; returns its name.
+
+    Idempotent within a process: the name hashes the json's path, its content *and* the image root, so the
+    same json content in another folder, or with other images, is another dataset (a long-lived worker
+    trains job after job in one process, and detectron2's catalog is global).
+    """
+    name = dataset_name(json_file, images, role)
     if name not in DatasetCatalog.list():
+        path = Path(json_file).resolve()
         image_root = str(Path(images).resolve())
         num_keypoints = len(label_space.keypoint_names)
         DatasetCatalog.register(name, lambda: _load_dicts(path, image_root, name, num_keypoints))
@@ -240,6 +251,15 @@ def _register(json_file: str | Path, images: str | Path, label_space: Any, role:
                 keypoint_flip_map=[tuple(p) for p in label_space.keypoint_flip_map],
             )
     return name
+
+
+def dataset_name(json_file: str | Path, images: str | Path, role: str) -> str:
+    """The catalog name of a COCO file with its image root: ``distill_{role}_{hash}``."""
+    path = Path(json_file).resolve()
+    digest = hashlib.sha256()
+    for part in (str(path).encode(), str(Path(images).resolve()).encode(), path.read_bytes()):
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return f"distill_{role}_{digest.hexdigest()[:16]}"
 
 
 def _load_dicts(path: Path, image_root: str, name: str, num_keypoints: int) -> list[dict]:
@@ -318,10 +338,10 @@ def _resume_or_init(
 
 
 class _Record(HookBase):
-    """First and last losses, and distill's progress callback."""
+    """First and last losses, progress events, and the cancel check after every step."""
 
-    def __init__(self, progress: Callable[[TrainProgress], None] | None, total: int) -> None:
-        self.progress, self.total = progress, total
+    def __init__(self, context: StepContext, total: int, checkpointer: DetectionCheckpointer) -> None:
+        self.context, self.total, self.checkpointer = context, total, checkpointer
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self._started = time.perf_counter()
@@ -340,17 +360,16 @@ class _Record(HookBase):
         iteration = self.trainer.iter + 1
         if self._start_iter is None:
             self._start_iter = iteration - 1
-        if self.progress is not None:
-            elapsed = time.perf_counter() - self._started
-            self.progress(
-                TrainProgress(
-                    iteration=iteration,
-                    total=self.total,
-                    losses=losses,
-                    lr=float(storage.history("lr").latest()) if "lr" in storage.histories() else 0.0,
-                    iters_per_second=(iteration - self._start_iter) / max(elapsed, 1e-9),
-                )
-            )
+        elapsed = time.perf_counter() - self._started
+        lr = float(storage.history("lr").latest()) if "lr" in histories else 0.0
+        speed = (iteration - self._start_iter) / max(elapsed, 1e-9)
+        self.context.report(
+            "train", iteration, self.total, values={**losses, "lr": lr, "iters_per_second": speed}
+        )
+        if iteration < self.total and self.context.cancelled():
+            # the same record PeriodicCheckpointer writes: resume_or_load continues at iteration + 1
+            self.checkpointer.save(f"model_{self.trainer.iter:07d}", iteration=self.trainer.iter)
+            raise Cancelled(f"detectron2 training at iteration {iteration} of {self.total}")
 
 
 def read_cfg_of_model(model_dir: str | Path) -> CfgNode:

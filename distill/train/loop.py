@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -19,13 +19,15 @@ from typing import Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from distill.errors import TrainingError
+from distill.errors import Cancelled, TrainingError
+from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_bytes_atomic
+from distill.models.files import CHECKPOINT_FILE
+from distill.models.files import TRAIN_LOG_FILE as LOG_FILE
 from distill.train.data import Target, hflip
 from distill.train.samplers import ShuffledBatchSampler
 
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "train_log.jsonl"
+logger = logging.getLogger(__name__)
 
 
 class TrainConfig(BaseModel):
@@ -53,17 +55,6 @@ class TrainConfig(BaseModel):
     checkpoint_period: int = Field(200, ge=1)
     log_period: int = Field(20, ge=1)
     keep_empty_images: bool = True
-
-
-@dataclass
-class TrainProgress:
-    """What the loop reports after each iteration."""
-
-    iteration: int  # iterations done so far (1-based after the first step)
-    total: int
-    losses: dict[str, float]
-    lr: float
-    iters_per_second: float
 
 
 @dataclass
@@ -117,14 +108,13 @@ def train_detector(
     out_dir: str | Path,
     *,
     sampler: BatchSampler | None = None,
-    progress: Callable[[TrainProgress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    context: StepContext = NULL_CONTEXT,
 ) -> TrainResult:
     """Train ``detector`` in place; resumes from ``out_dir/checkpoint.pt`` when present.
 
-    ``sampler`` yields lists of dataset indices (default: shuffled epochs). ``should_stop`` is polled every
-    iteration; when it returns true a checkpoint is written and :class:`TrainingError` is not raised — the
-    result then has ``iterations < cfg.iterations``.
+    ``sampler`` yields lists of dataset indices (default: shuffled epochs). Every iteration reports a
+    ``train`` progress event (losses, lr, it/s as values) and checks ``context`` for a cancel: then a
+    checkpoint is written and :class:`~distill.errors.Cancelled` raised, so a re-run resumes there.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,75 +122,142 @@ def train_detector(
     sampler = sampler or ShuffledBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
     use_amp = device.type == "cuda" if cfg.amp == "auto" else bool(cfg.amp and device.type == "cuda")
     params = [p for p in detector.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(
-            params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    state = _State(detector, _optimizer(params, cfg), cfg, out_dir / CHECKPOINT_FILE, use_amp)
     flip_indices = detector.keypoint_flip_indices()
     flip_list = None if flip_indices is None else flip_indices.tolist()
 
-    start = _resume(out_dir / CHECKPOINT_FILE, detector, optimizer, scheduler, scaler, cfg)
+    start = state.resume()
     if start == 0:
         torch.manual_seed(cfg.seed)
         (out_dir / LOG_FILE).unlink(missing_ok=True)
+    elif start < cfg.iterations:
+        logger.info("resuming training from %s at iteration %d", state.path, start)
     detector.train()
     history: list[dict[str, float]] = []
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     began = time.perf_counter()
-    window_start, window_iters = began, 0
+    speed = _Speed(began)
     iteration = start
     batches = iter(sampler.batches(start))
     while iteration < cfg.iterations:
-        if should_stop is not None and should_stop():
-            break
+        if context.cancelled():
+            state.save(iteration)
+            raise Cancelled(
+                f"training at iteration {iteration} of {cfg.iterations} (checkpoint {state.path})"
+            )
         images, targets = _load_batch(dataset, next(batches), cfg, iteration, flip_list, device)
-        with torch.autocast(device.type, enabled=use_amp):
-            loss_dict = detector.losses(images, targets)
+        values = state.step(images, targets, iteration, params)
+        iteration += 1
+        first = first or values
+        last = values
+        lr = state.optimizer.param_groups[0]["lr"]
+        if iteration % cfg.log_period == 0 or iteration == cfg.iterations:
+            record = {"iteration": iteration, "lr": lr, **values}
+            history.append(record)
+            with open(out_dir / LOG_FILE, "a") as log:
+                log.write(json.dumps(record) + "\n")
+        rate = speed.tick(iteration % cfg.log_period == 0)
+        context.report(
+            "train", iteration, cfg.iterations, values={**values, "lr": lr, "iters_per_second": rate}
+        )
+        if iteration % cfg.checkpoint_period == 0 or iteration == cfg.iterations:
+            state.save(iteration)
+    detector.eval()
+    return TrainResult(iteration, start, last, first, time.perf_counter() - began, history)
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+
+
+class _Speed:
+    """Iterations per second over the current logging window."""
+
+    def __init__(self, now: float) -> None:
+        self.start, self.count = now, 0
+
+    def tick(self, new_window: bool) -> float:
+        self.count += 1
+        now = time.perf_counter()
+        rate = self.count / max(now - self.start, 1e-9)
+        if new_window:
+            self.start, self.count = now, 0
+        return rate
+
+
+class _State:
+    """Model, optimizer, LR schedule and AMP scaler of one run: a step, a checkpoint, a resume."""
+
+    def __init__(self, detector, optimizer, cfg: TrainConfig, path: Path, use_amp: bool) -> None:
+        self.detector, self.optimizer, self.cfg, self.path = detector, optimizer, cfg, path
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.use_amp = use_amp
+
+    def step(self, images, targets, iteration: int, params) -> dict[str, float]:
+        """One SGD step, returning its losses (``total`` included); a non-finite loss is a TrainingError."""
+        cfg = self.cfg
+        with torch.autocast(self.detector.device.type, enabled=self.use_amp):
+            loss_dict = self.detector.losses(images, targets)
         loss = sum(loss_dict.values())
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss became {float(loss.detach())} at iteration {iteration + 1} ({_fmt(values)}); "
-                "lower base_lr "
-                f"(now {cfg.base_lr}) or set clip_grad_norm (now {cfg.clip_grad_norm}); the last good "
-                f"checkpoint is {out_dir / CHECKPOINT_FILE}"
+                f"lower base_lr (now {cfg.base_lr}) or set clip_grad_norm (now {cfg.clip_grad_norm}); the "
+                f"last good checkpoint is {self.path}"
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
         if cfg.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        iteration += 1
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
         values["total"] = float(loss.detach())
-        first = first or values
-        last = values
-        window_iters += 1
-        now = time.perf_counter()
-        speed = window_iters / max(now - window_start, 1e-9)
-        if iteration % cfg.log_period == 0 or iteration == cfg.iterations:
-            record = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"], **values}
-            history.append(record)
-            with open(out_dir / LOG_FILE, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            window_start, window_iters = now, 0
-        if progress is not None:
-            progress(TrainProgress(iteration, cfg.iterations, values, optimizer.param_groups[0]["lr"], speed))
-        if iteration % cfg.checkpoint_period == 0 or iteration == cfg.iterations:
-            _save_checkpoint(
-                out_dir / CHECKPOINT_FILE, detector, optimizer, scheduler, scaler, iteration, cfg
+        return values
+
+    def save(self, iteration: int) -> None:
+        state = {
+            "iteration": iteration,
+            "train_config": self.cfg.model_dump(mode="json"),
+            "model": self.detector.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes_atomic(self.path, buffer.getvalue())
+
+    def resume(self) -> int:
+        """The iteration to continue from: the checkpoint's (its state loaded), or 0 without one."""
+        if not self.path.exists():
+            return 0
+        try:
+            state = torch.load(self.path, map_location=self.detector.device, weights_only=False)
+        except Exception as exc:
+            raise TrainingError(
+                f"{self.path}: cannot read checkpoint ({exc}); delete it to start over"
+            ) from None
+        saved, now = state.get("train_config", {}), self.cfg.model_dump(mode="json")
+        if saved != now:
+            changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise TrainingError(
+                f"{self.path}: checkpoint was written with another training config (differs in {changed}); "
+                "use a new output directory or delete the checkpoint"
             )
-    if should_stop is not None and iteration < cfg.iterations:
-        _save_checkpoint(out_dir / CHECKPOINT_FILE, detector, optimizer, scheduler, scaler, iteration, cfg)
-    detector.eval()
-    return TrainResult(iteration, start, last, first, time.perf_counter() - began, history)
+        self.detector.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        return int(state["iteration"])
 
 
 def _load_batch(
@@ -221,45 +278,6 @@ def _load_batch(
         images.append(image.to(device))
         targets.append({k: v.to(device) for k, v in target.items()})
     return images, targets
-
-
-def _save_checkpoint(path, detector, optimizer, scheduler, scaler, iteration: int, cfg: TrainConfig) -> None:
-    state = {
-        "iteration": iteration,
-        "train_config": cfg.model_dump(mode="json"),
-        "model": detector.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-    }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
-def _resume(path: Path, detector, optimizer, scheduler, scaler, cfg: TrainConfig) -> int:
-    if not path.exists():
-        return 0
-    try:
-        state = torch.load(path, map_location=detector.device, weights_only=False)
-    except Exception as exc:
-        raise TrainingError(f"{path}: cannot read checkpoint ({exc}); delete it to start over") from None
-    saved = state.get("train_config", {})
-    if saved != cfg.model_dump(mode="json"):
-        changed = sorted(
-            k for k in set(saved) | set(cfg.model_dump()) if saved.get(k) != cfg.model_dump().get(k)
-        )
-        raise TrainingError(
-            f"{path}: checkpoint was written with another training config (differs in {changed}); "
-            "use a new output directory or delete the checkpoint"
-        )
-    detector.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"].cpu())
-    return int(state["iteration"])
 
 
 def _fmt(values: dict[str, float]) -> str:

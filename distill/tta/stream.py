@@ -13,16 +13,20 @@ dropped), and does nothing when ``OUT`` already exists — so a redelivered shar
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.data.images import ImageRef, decode_images
 from distill.export import detections_to_coco
+from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_text_atomic
 from distill.train.data import image_to_tensor
 from distill.tta.engine import MultiViewEngine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +35,7 @@ class StreamResult:
     images_done: int
     images_total: int
     skipped: list[tuple[str, str]]  # (path, reason)
-    complete: bool
+    complete: bool  # always true on return: an interrupted run raises instead
 
 
 def partial_path(out: Path) -> Path:
@@ -44,10 +48,13 @@ def run_to_jsonl(
     out: str | Path,
     *,
     batch_size: int = 2,
-    progress: Callable[[int, int], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
+    context: StepContext = NULL_CONTEXT,
 ) -> StreamResult:
-    """Fused predictions of every image in ``refs`` as JSON lines at ``out`` (see the module docstring)."""
+    """Fused predictions of every image in ``refs`` as JSON lines at ``out`` (see the module docstring).
+
+    Reports ``infer`` progress (images) after each batch; a cancel (``context``) raises
+    :class:`~distill.errors.Cancelled` between batches, the lines written so far kept in ``OUT.partial``.
+    """
     out = Path(out)
     if out.exists():
         lines = _read_lines(out)
@@ -60,15 +67,16 @@ def run_to_jsonl(
     count = len(refs) - len(todo)
     with open(partial, "a") as handle:
         for start in range(0, len(todo), batch_size):
-            if should_cancel is not None and should_cancel():
-                return StreamResult(out, count, len(refs), _skipped(_read_lines(partial)), False)
+            context.check_cancelled(f"inference after {count} of {len(refs)} images ({partial} kept)")
             lines = _process(engine, todo[start : start + batch_size])
             handle.write("".join(json.dumps(line) + "\n" for line in lines))
             handle.flush()
             os.fsync(handle.fileno())
             count += len(lines)
-            if progress is not None:
-                progress(count, len(refs))
+            context.report("infer", count, len(refs))
+            for line in lines:
+                if "error" in line:
+                    logger.warning("skipped %s: %s", line["path"], line["error"])
     os.replace(partial, out)
     return StreamResult(out, count, len(refs), _skipped(_read_lines(out)), True)
 

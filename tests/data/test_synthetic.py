@@ -25,6 +25,7 @@ from distill.data.synthetic import (
     render_image,
     resolve_preset,
 )
+from distill.hooks import StepContext
 
 JSON_NAMES = ("labeled.json", "unlabeled.json", "unlabeled_truth.json", "test.json")
 SEED = 7
@@ -233,9 +234,9 @@ def test_progress_callback_and_overrides(tmp_path: Path) -> None:
         num_labeled=2,
         num_unlabeled=0,
         num_test=1,
-        progress=lambda done, total: calls.append((done, total)),
+        context=StepContext(progress=lambda e: calls.append((e.stage, e.done, e.total))),
     )
-    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert calls == [("synth", 1, 3), ("synth", 2, 3), ("synth", 3, 3)]
     assert result.num_images == {"labeled": 2, "unlabeled": 0, "test": 1}
     assert _load(result.unlabeled_json)["images"] == []
     assert result.preset.num_labeled == 2 and PRESETS["tiny"].num_labeled == 12

@@ -26,9 +26,9 @@ with (
     import detectron2.data
     import detectron2.modeling  # noqa: F401
 
+from distill.backends import load_model
 from distill.errors import InputError, ModelFileError
 from distill.models.detectron2 import Detectron2Detector, init_norm_statistics, load_cfg
-from distill.models.store import load_model
 from distill.tta.engine import FusionConfig, MultiViewEngine
 from distill.tta.views import ViewSet, parse_views
 

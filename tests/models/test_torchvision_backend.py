@@ -6,10 +6,12 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
+from distill.backends import get_backend, list_backends, load_model
 from distill.errors import InputError, ModelFileError
 from distill.models.config import ModelConfig
-from distill.models.store import build_detector, load_init_weights, load_model
+from distill.models.files import load_init_weights
 from distill.models.torchvision import TorchvisionDetector
+from distill.train.torchvision import build_detector
 
 
 def _images() -> list[torch.Tensor]:
@@ -135,6 +137,33 @@ def test_a_detectron2_model_directory_without_detectron2_says_what_is_missing(tm
     (tmp_path / "config.yaml").write_text(config.to_yaml())
     assert load_model_config(tmp_path / "config.yaml") == config
     with pytest.raises(
-        ModelFileError, match=r"a detectron2 model, and the detectron2 backend needs detectron2"
+        ModelFileError,
+        match=r"config\.yaml: backend 'detectron2' is unavailable: the detectron2 backend needs",
     ):
         load_model(tmp_path)
+    # the registry lists it with the reason, and a backend nobody knows is named as such
+    assert list_backends()["torchvision"] is None and "not installed" in list_backends()["detectron2"]
+    with pytest.raises(ModelFileError, match=r"unknown backend 'mmdet'; known: torchvision, detectron2"):
+        get_backend("mmdet")
+
+
+def test_an_imported_detectron2_teacher_gives_its_student_its_own_schedule(tmp_path: Path) -> None:
+    """Without ``teacher.iterations``, an imported detectron2 teacher (no training record) has the schedule of
+    its detectron2 config, not the synth recipe's (which the student's 1.5x would then be taken of)."""
+    import yaml
+
+    from distill.models.config import Detectron2ModelConfig
+    from distill.pipeline import PipelineConfig, student_iterations, teacher_iterations
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    config = Detectron2ModelConfig(class_names=["person"], category_ids=[1], test_size=640)
+    (teacher / "config.yaml").write_text(config.to_yaml())
+    (teacher / "detectron2.yaml").write_text(
+        yaml.safe_dump({"SOLVER": {"MAX_ITER": 90000, "STEPS": [60000]}})
+    )
+    data = {"labeled": "l.json", "labeled_images": "i", "unlabeled": "u"}
+    pipeline = PipelineConfig.model_validate({"data": data, "teacher": {"model": str(teacher)}})
+    assert teacher_iterations(pipeline) == 90000 and student_iterations(pipeline) == 135000
+    (teacher / "meta.json").write_text('{"backend": "detectron2", "training": {"iterations": 500}}')
+    assert teacher_iterations(pipeline) == 500  # a trained one: its own record

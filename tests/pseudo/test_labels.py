@@ -15,7 +15,7 @@ from distill.data.coco import CocoDataset, coco_statistics, encode_mask, load_co
 from distill.errors import InputError
 from distill.pseudo.calibrate import calibrate
 from distill.pseudo.labels import build_pseudo_labels
-from distill.workflow import make_pseudo_labels
+from distill.pseudo.make import make_pseudo_labels
 
 PERSON_KPS = ["nose", "left_eye", "right_eye"]
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from distill.data.coco import load_coco
-from distill.errors import TrainingError
+from distill.errors import Cancelled, TrainingError
+from distill.hooks import StepContext
 from distill.models.config import ModelConfig
-from distill.models.store import build_detector
 from distill.train.data import CocoDetectionDataset, hflip
 from distill.train.loop import TrainConfig, lr_factor, train_detector
 from distill.train.samplers import ShuffledBatchSampler
+from distill.train.torchvision import build_detector
 
 
 def _dataset(tiny_data: Path, config: ModelConfig) -> CocoDetectionDataset:
@@ -48,10 +49,10 @@ def test_resume_after_interruption_continues_the_same_trajectory(
     torch.manual_seed(123)
     interrupted = build_detector(tiny_config)
     calls = iter(range(100))
-    stopped = train_detector(
-        interrupted, data, cfg, tmp_path / "resumed", should_stop=lambda: next(calls) >= 2
-    )
-    assert stopped.iterations == 2
+    stop = StepContext(should_cancel=lambda: next(calls) >= 2)
+    with pytest.raises(Cancelled, match="training at iteration 2 of 4"):
+        train_detector(interrupted, data, cfg, tmp_path / "resumed", context=stop)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["iteration"] == 2
     torch.manual_seed(999)  # a fresh process would not share our RNG state
     resumed = build_detector(tiny_config)
     result = train_detector(resumed, data, cfg, tmp_path / "resumed")

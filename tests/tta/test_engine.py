@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from distill.backends import load_model
 from distill.models.base import PreparedBatch
 from distill.models.config import ModelConfig
-from distill.models.store import load_model
 from distill.models.torchvision import decode_heatmaps
 from distill.structures import Detections
 from distill.transforms import ResizeFlip, resized_shape

@@ -3,8 +3,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from distill.backends import load_model
 from distill.data.images import iter_image_refs
-from distill.models.store import load_model
+from distill.errors import Cancelled
+from distill.hooks import StepContext
 from distill.tta.engine import MultiViewEngine
 from distill.tta.stream import partial_path, read_results, run_to_jsonl
 from distill.tta.views import parse_views
@@ -25,8 +29,11 @@ def test_stream_is_resumable_reports_bad_files_and_never_duplicates(
     out = tmp_path / "pred.jsonl"
 
     calls = iter(range(100))
-    first = run_to_jsonl(engine, refs, out, batch_size=2, should_cancel=lambda: next(calls) >= 1)
-    assert not first.complete and first.images_done == 2 and not out.exists()
+    with pytest.raises(Cancelled, match="inference after 2 of 6 images"):
+        run_to_jsonl(
+            engine, refs, out, batch_size=2, context=StepContext(should_cancel=lambda: next(calls) >= 1)
+        )
+    assert not out.exists() and len(partial_path(out).read_text().splitlines()) == 2
     with open(partial_path(out), "a") as handle:  # a crash mid-write leaves a torn line
         handle.write('{"path": "torn')
 

@@ -1,11 +1,10 @@
-"""Model directories: ``config.yaml`` (label space, architecture) + ``weights.pt`` + ``meta.json``.
+"""Model directories on disk: ``config.yaml`` (label space, architecture) + ``weights.pt`` + ``meta.json``.
 
 A detectron2 model directory also holds ``detectron2.yaml``, detectron2's own config (the architecture);
-``config.yaml``'s ``backend`` says which backend rebuilds the model.
+``config.yaml``'s ``backend`` says which backend rebuilds the model (see :mod:`distill.backends`).
 
-Also the ways a model is initialised before training: ``scratch``, ``imagenet`` (torchvision weight enums,
-needs network access the first time) or a path (a model directory, a detector state dict, or a backbone
-classification checkpoint).
+The helpers here know files, not backends: writing a model directory atomically, reading its meta record and
+weights, loading a state dict exactly or partially (``--init PATH``).
 """
 
 from __future__ import annotations
@@ -20,46 +19,29 @@ import torch
 
 from distill.errors import ModelFileError
 from distill.io import write_bytes_atomic, write_json_atomic, write_text_atomic
-from distill.models.config import Detectron2ModelConfig, ModelConfig, load_model_config
-from distill.models.torchvision import TorchvisionDetector, imagenet_weights
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
-
-_BACKENDS = {"torchvision": TorchvisionDetector}
-
-
-def list_backends() -> list[str]:
-    """Names of the detector backends (``detectron2`` needs detectron2 installed to be used)."""
-    return sorted([*_BACKENDS, "detectron2"])
+CHECKPOINT_FILE = "checkpoint.pt"  # torchvision training state, while training or after a cancel
+TRAIN_LOG_FILE = "train_log.jsonl"
 
 
-def _backend(config: ModelConfig, source: str) -> type[TorchvisionDetector]:
-    cls = _BACKENDS.get(config.backend)
-    if cls is None:
-        raise ModelFileError(
-            f"{source}: unknown backend {config.backend!r}; known: {', '.join(list_backends())}"
-        )
-    return cls
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def build_detector(config: ModelConfig, *, device: str | torch.device = "cpu", init: str = "scratch") -> Any:
-    """A new detector for ``config``; ``init`` is ``scratch``, ``imagenet`` or a path to weights."""
-    cls = _backend(config, "model config")
-    if init == "scratch":
-        return cls(config, device=device)
-    if init == "imagenet":
-        try:
-            return cls(config, device=device, backbone_weights=imagenet_weights(config.backbone))
-        except OSError as exc:  # URLError is an OSError
-            raise ModelFileError(
-                f"could not download ImageNet weights for {config.backbone} ({exc}); offline? "
-                "pass --init PATH with a local state-dict file instead"
-            ) from None
-    detector = cls(config, device=device)
-    load_init_weights(detector, init)
-    return detector
+def is_complete(directory: str | Path, iterations: int | None = None) -> bool:
+    """True when ``directory`` is a finished model directory (of ``iterations`` training iterations, if
+    given): a cancelled or running training leaves its checkpoint, never ``weights.pt`` + ``meta.json``."""
+    directory = Path(directory)
+    if not ((directory / WEIGHTS_FILE).is_file() and (directory / META_FILE).is_file()):
+        return False
+    return iterations is None or read_meta(directory).get("training", {}).get("iterations") == iterations
 
 
 def save_model(detector: Any, directory: str | Path, *, extra: dict | None = None) -> Path:
@@ -81,27 +63,6 @@ def save_model(detector: Any, directory: str | Path, *, extra: dict | None = Non
     meta.update(extra or {})
     write_json_atomic(directory / META_FILE, meta, indent=2)
     return directory
-
-
-def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> Any:
-    """Rebuild a detector (of the backend its ``config.yaml`` names) from a model directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ModelFileError(
-            f"{directory}: not a model directory (expected {CONFIG_FILE} and {WEIGHTS_FILE})"
-        )
-    config = load_model_config(directory / CONFIG_FILE)
-    if isinstance(config, Detectron2ModelConfig):
-        try:
-            from distill.models.detectron2 import Detectron2Detector  # imports detectron2: only when needed
-        except ImportError as exc:
-            raise ModelFileError(f"{directory}: a detectron2 model, and {exc}") from None
-
-        return Detectron2Detector.from_directory(directory, config, device=device)
-    detector = _backend(config, str(directory / CONFIG_FILE))(config, device=device)
-    state = read_state_dict(directory / WEIGHTS_FILE)
-    load_exact(detector.model, state, directory / WEIGHTS_FILE)
-    return detector
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -154,7 +115,7 @@ def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     module.load_state_dict(state)
 
 
-def load_init_weights(detector: TorchvisionDetector, path: str | Path) -> dict[str, int]:
+def load_init_weights(detector: Any, path: str | Path) -> dict[str, int]:
     """Initialise from a model dir, a detector state dict or a backbone checkpoint (partial load).
 
     Tensors whose name and shape match are copied; a backbone classification checkpoint (``conv1.weight``,

@@ -1,0 +1,308 @@
+"""The steps a worker runs: ``train``, ``infer`` (one shard of images), ``pseudo_label``, ``evaluate``.
+
+Each is ``step(spec, storage, context) -> StepResult``: the spec (:mod:`distill.specs`) names inputs and
+outputs as storage keys, the :class:`~distill.storage.Storage` resolves them (local paths as they are; remote
+ones copied in and out at the step's boundary), and the :class:`~distill.hooks.StepContext` carries progress,
+the cancel check and the logger. A step whose output is already complete returns it as ``reused``; a
+cancelled step raises :class:`~distill.errors.Cancelled` and leaves nothing that claims completeness, so the
+same call again resumes (training from its checkpoint, inference after its last written line). A shard's
+output depends only on its inputs, so a redelivered shard overwrites instead of duplicating.
+
+A round is these steps in order (see :mod:`distill.pipeline`, which composes them in-process)::
+
+    train(teacher) -> infer(shard i of n, for every i) -> pseudo_label(all shards) -> train(student)
+                   -> evaluate(teacher), evaluate(student) -> promote if the student wins
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from distill.backends import get_backend, load_model
+from distill.data.coco import load_coco
+from distill.data.images import ImageRef, iter_image_refs
+from distill.errors import Cancelled, InputError
+from distill.evaluate import evaluate as coco_evaluate
+from distill.hooks import NULL_CONTEXT, StepContext
+from distill.io import write_json_atomic
+from distill.layout import calibration_files
+from distill.models.files import CHECKPOINT_FILE, file_sha256, is_complete, read_meta
+from distill.predict import predict_coco
+from distill.pseudo.make import load_predictions, make_pseudo_labels
+from distill.specs import EvaluateSpec, InferSpec, PseudoLabelSpec, StepResult, TrainSpec
+from distill.storage import Storage
+from distill.tta.engine import FusionConfig, MultiViewEngine
+from distill.tta.stream import run_to_jsonl
+from distill.tta.views import parse_views
+
+__all__ = ["LOCAL", "evaluate", "evaluate_model", "infer", "pseudo_label", "shard_slice", "train"]
+
+logger = logging.getLogger(__name__)
+
+LOCAL = Storage()  # local paths, as given
+
+
+# -- train -------------------------------------------------------------------------------------------------
+def train(spec: TrainSpec, storage: Storage = LOCAL, context: StepContext = NULL_CONTEXT) -> StepResult:
+    """Train (or resume training) the model directory ``spec.out`` with ``spec.backend``."""
+    backend = get_backend(spec.backend, source="train.backend")
+    artifacts = {"model": spec.out}
+    if _model_done(storage, spec.out, spec.iterations):
+        logger.info("%s is complete", spec.out)
+        return StepResult(step="train", artifacts=artifacts, reused=True, info=_training_info(storage, spec))
+    out = storage.output(spec.out)
+    if not storage.is_local and storage.exists(f"{spec.out}/{CHECKPOINT_FILE}"):
+        storage.local(spec.out)  # another worker's checkpoint: resume it
+    local = spec.model_copy(
+        update={
+            "out": str(out),
+            "labeled": str(storage.local(spec.labeled)),
+            "labeled_images": str(storage.local(spec.labeled_images)),
+            "pseudo": _local_or_none(storage, spec.pseudo),
+            "pseudo_images": _local_or_none(storage, spec.pseudo_images),
+            "architecture_from": _local_or_none(storage, spec.architecture_from),
+            "init": spec.init if spec.init in ("scratch", "imagenet") else str(storage.local(spec.init)),
+            "config": _local_config(storage, spec.config),
+        }
+    )
+    try:
+        outcome = backend.train(local, context)
+    except Cancelled:
+        if not storage.is_local and out.is_dir():
+            storage.commit(spec.out)  # the checkpoint, without weights.pt/meta.json: resumable elsewhere
+        raise
+    storage.commit(spec.out)
+    return StepResult(
+        step="train",
+        artifacts=artifacts,
+        metrics={"first_loss": outcome.first_losses, "final_loss": outcome.final_losses},
+        info={
+            "iterations": outcome.iterations,
+            "resumed_from": outcome.resumed_from,
+            "seconds": outcome.seconds,
+        },
+    )
+
+
+def _model_done(storage: Storage, key: str, iterations: int | None) -> bool:
+    if storage.is_local:
+        return is_complete(storage.path(key), iterations)
+    if not storage.exists(f"{key}/meta.json"):
+        return False
+    return is_complete(storage.local(key), iterations)
+
+
+def _training_info(storage: Storage, spec: TrainSpec) -> dict[str, Any]:
+    training = read_meta(storage.local(spec.out) if not storage.is_local else storage.path(spec.out))
+    return {"iterations": training.get("training", {}).get("iterations")}
+
+
+def _local_or_none(storage: Storage, key: str | None) -> str | None:
+    return None if key is None else str(storage.local(key))
+
+
+def _local_config(storage: Storage, config: str | None) -> str | None:
+    """A recipe / model-zoo name stays a name; a config file in storage becomes a local file."""
+    if config is None or not config.endswith((".yaml", ".yml")) or not storage.exists(config):
+        return config
+    return str(storage.local(config))
+
+
+# -- infer -------------------------------------------------------------------------------------------------
+def shard_slice(count_items: int, shard: tuple[int, int]) -> slice:
+    """The contiguous slice of ``count_items`` items that shard ``(index, count)`` covers (sizes differ by
+    at most one; every item in exactly one shard)."""
+    index, count = shard
+    return slice(count_items * index // count, count_items * (index + 1) // count)
+
+
+def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL_CONTEXT) -> StepResult:
+    """Fused multi-view predictions of one shard of images as JSON lines (see :mod:`distill.tta.stream`)."""
+    artifacts = {"predictions": spec.out}
+    if storage.exists(spec.out):
+        lines = storage.local(spec.out).read_text().splitlines()
+        return StepResult(step="infer", artifacts=artifacts, reused=True, info={"images": len(lines)})
+    inference = spec.inference
+    detector = load_model(storage.local(spec.model), device=spec.device)
+    views = parse_views(
+        inference.views, test_size=detector.config.test_size, max_size=detector.config.max_size
+    )
+    fusion = FusionConfig(
+        method=inference.fusion,
+        max_detections=inference.max_detections,
+        score_floor=inference.score_floor,
+        view_score_thresh=inference.view_score_thresh,
+        feature_cache_mb=inference.feature_cache_mb,
+    )
+    refs = _shard_refs(storage, spec)
+    logger.info(
+        "multi-view inference: %d images (shard %d of %d) x %d views (%s)",
+        len(refs),
+        spec.shard[0] + 1,
+        spec.shard[1],
+        len(views),
+        inference.views,
+    )
+    engine = MultiViewEngine(detector, views, fusion)
+    result = run_to_jsonl(
+        engine, refs, storage.output(spec.out), batch_size=inference.batch_size, context=context
+    )
+    storage.commit(spec.out)
+    warnings = [f"skipped {path}: {reason}" for path, reason in result.skipped]
+    if engine.recomputed_views:
+        warnings.append(
+            f"the backbone features of {engine.recomputed_views} of {len(views)} views did not fit the "
+            "feature cache and were recomputed for the heads (raise feature_cache_mb, or lower batch_size)"
+        )
+    return StepResult(
+        step="infer",
+        artifacts=artifacts,
+        warnings=warnings,
+        info={"images": result.images_done, "views": views.to_dict(), "skipped": len(result.skipped)},
+    )
+
+
+def _shard_refs(storage: Storage, spec: InferSpec) -> list[ImageRef]:
+    if storage.is_local:
+        refs = iter_image_refs(storage.path(spec.images), images_dir=_path_or_none(storage, spec.images_dir))
+        return refs[shard_slice(len(refs), spec.shard)]
+    if not spec.images.endswith(".json") or spec.images_dir is None:
+        raise InputError(
+            f"{spec.images}: on remote storage the images must be a COCO json with images_dir (a folder "
+            "cannot be listed consistently across machines)"
+        )
+    local_json = storage.local(spec.images)
+    images = load_coco(local_json).images
+    names = [im["file_name"] for im in images[shard_slice(len(images), spec.shard)]]
+    folder = storage.local(spec.images_dir, members=names)
+    refs = iter_image_refs(local_json, images_dir=folder)
+    return refs[shard_slice(len(refs), spec.shard)]
+
+
+def _path_or_none(storage: Storage, key: str | None) -> str | None:
+    return None if key is None else storage.path(key)
+
+
+# -- pseudo_label ------------------------------------------------------------------------------------------
+def pseudo_label(
+    spec: PseudoLabelSpec, storage: Storage = LOCAL, context: StepContext = NULL_CONTEXT
+) -> StepResult:
+    """Calibrate the threshold(s) on every shard's predictions and write the pseudo-label file + report."""
+    report_key, plot_key = calibration_files(spec.out)
+    artifacts = {"pseudo_labels": spec.out, "calibration": report_key, "calibration_plot": plot_key}
+    if storage.exists(spec.out) and storage.exists(report_key):
+        calibration = json.loads(storage.local(report_key).read_text())
+        return StepResult(
+            step="pseudo_label",
+            artifacts=artifacts,
+            reused=True,
+            metrics=_calibration_metrics(calibration),
+            warnings=calibration["warnings"],
+        )
+    entries: list[dict[str, Any]] = []
+    for i, key in enumerate(spec.predictions):
+        context.check_cancelled(
+            f"pseudo-labels while reading predictions file {i + 1} of {len(spec.predictions)}"
+        )
+        entries.extend(load_predictions(storage.local(key)))
+        context.report("pseudo_label", i + 1, len(spec.predictions), "reading predictions")
+    context.check_cancelled("pseudo-labels before calibrating (nothing written)")
+    cal = spec.calibration
+    out = storage.output(spec.out)
+    for key in (report_key, plot_key):
+        storage.output(key)
+    calibration = make_pseudo_labels(
+        entries,
+        unlabeled=storage.local(spec.unlabeled),
+        unlabeled_images_dir=_local_or_none(storage, spec.unlabeled_images),
+        labeled_json=storage.local(spec.labeled),
+        out=out,
+        per_class=cal.per_class,
+        threshold=cal.threshold,
+        min_agreement=cal.min_agreement,
+        keypoint_threshold=cal.keypoint_threshold,
+        strict=cal.strict,
+        provenance=spec.provenance,
+        source=", ".join(spec.predictions),
+    )
+    for key in (report_key, plot_key, spec.out):  # the pseudo-label file last: it marks completion
+        storage.commit(key)
+    record = calibration.to_dict()
+    return StepResult(
+        step="pseudo_label",
+        artifacts=artifacts,
+        metrics=_calibration_metrics(record),
+        warnings=list(calibration.warnings),
+    )
+
+
+def _calibration_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "mode",
+        "threshold",
+        "class_thresholds",
+        "keypoint_thresholds",
+        "kept_instances",
+        "kept_per_image",
+    )
+    return {k: record[k] for k in keys} | {"labeled_per_image": record["labeled_instances_per_image"]}
+
+
+# -- evaluate ----------------------------------------------------------------------------------------------
+def evaluate_model(
+    model_dir: str | Path,
+    truth_json: str | Path,
+    images_dir: str | Path | None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 4,
+    context: StepContext = NULL_CONTEXT,
+) -> dict[str, dict[str, float]]:
+    """COCO metrics of a model directory on a labeled COCO split (one plain view).
+
+    Every head the model has is scored, 0 when it produced nothing of that kind (a weak model with no
+    keypoint-class detections still has a keypoint AP, so rounds can compare it).
+    """
+    truth = load_coco(truth_json)
+    detector = load_model(model_dir, device=device)
+    refs = iter_image_refs(truth_json, images_dir=images_dir)
+    results = predict_coco(detector, refs, batch_size=batch_size, context=context, stage="evaluate")
+    iou_types = ["bbox"]
+    if detector.has_masks:
+        iou_types.append("segm")
+    if detector.has_keypoints and truth.keypoint_categories():
+        iou_types.append("keypoints")
+    return coco_evaluate(truth, results, iou_types=iou_types)
+
+
+def evaluate(spec: EvaluateSpec, storage: Storage = LOCAL, context: StepContext = NULL_CONTEXT) -> StepResult:
+    """COCO metrics of ``spec.model`` on ``spec.truth``, written to ``spec.out`` (when given)."""
+    artifacts = {"metrics": spec.out} if spec.out else {}
+    if spec.out is not None and storage.exists(spec.out):
+        metrics = json.loads(storage.local(spec.out).read_text())
+        return StepResult(step="evaluate", artifacts=artifacts, metrics=metrics, reused=True)
+    truth = storage.local(spec.truth)
+    images = None
+    if spec.images is not None:
+        names = None if storage.is_local else [im["file_name"] for im in load_coco(truth).images]
+        images = storage.local(spec.images, members=names)
+    metrics = evaluate_model(
+        storage.local(spec.model),
+        truth,
+        images,
+        device=spec.device,
+        batch_size=spec.batch_size,
+        context=context,
+    )
+    if spec.out is not None:
+        write_json_atomic(storage.output(spec.out), metrics, indent=2)
+        storage.commit(spec.out)
+    return StepResult(
+        step="evaluate",
+        artifacts=artifacts,
+        metrics=metrics,
+        info={"model_sha256": file_sha256(Path(storage.local(spec.model)) / "weights.pt")},
+    )
