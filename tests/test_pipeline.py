@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ from distill.pipeline import PipelineConfig, primary_metric
 from tests.conftest import TINY_MODEL
 from tests.test_cli import run
 
-STUDENT_TRAIN = {"batch_size": 2, "base_lr": 0.01, "warmup_iters": 2, "checkpoint_period": 1000}
+# the student starts from the trained tiny model and barely moves: it keeps that model's (small, non-zero) AP
+STUDENT_TRAIN = {"batch_size": 2, "base_lr": 1e-5, "warmup_iters": 2, "checkpoint_period": 1000}
 
 
-def write_pipeline(tmp_path: Path, tiny_data: Path, teacher: Path) -> Path:
+def write_pipeline(tmp_path: Path, tiny_data: Path, teacher: Path, **sections) -> Path:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": STUDENT_TRAIN}))
     config = {
@@ -37,39 +39,55 @@ def write_pipeline(tmp_path: Path, tiny_data: Path, teacher: Path) -> Path:
             "max_detections": 20,
             "view_score_thresh": 0.0,
         },
-        "student": {"iterations": 6, "ratio": [6, 4]},
-        "evaluation": {"primary": "keypoints/AP"},
+        "evaluation": {"primary": "bbox/AP50"},
+        **sections,
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+@pytest.fixture
+def blind_teacher(trained_tiny_model: Path, tmp_path: Path) -> Path:
+    """The trained tiny model with a plain-view score threshold no detection passes: it scores exactly 0 on
+    the test split (so a student with any true positive must be promoted), while its multi-view inference,
+    run at ``view_score_thresh`` 0, still yields pseudo-labels."""
+    teacher = tmp_path / "blind_teacher"
+    shutil.copytree(trained_tiny_model, teacher)
+    config = yaml.safe_load((teacher / "config.yaml").read_text())
+    (teacher / "config.yaml").write_text(yaml.safe_dump({**config, "score_thresh": 1.0}))
+    return teacher
+
+
 @pytest.mark.slow
-def test_distill_run_does_a_whole_round_and_resumes_as_a_no_op(
-    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+def test_distill_run_promotes_hands_the_teacher_on_and_resumes_as_a_no_op(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, blind_teacher: Path
 ) -> None:
-    config = write_pipeline(tmp_path, tiny_data, trained_tiny_model)
+    student = {"iterations": 6, "ratio": [6, 4], "init": str(trained_tiny_model)}
+    config = write_pipeline(tmp_path, tiny_data, blind_teacher, student=student, rounds=2)
     out = tmp_path / "run"
     proc = run("run", "--config", str(config), "--out", str(out), "--device", "cpu")
     assert "teacher vs student" in proc.stdout and "calibration (global)" in proc.stdout
 
     summary = json.loads((out / "summary.json").read_text())
-    (r,) = summary["rounds"]
-    # promotion follows the configured metric
-    teacher, student = r["metrics"]["teacher"], r["metrics"]["student"]
-    assert r["primary"]["metric"] == "keypoints/AP"
-    assert r["promoted"] == (
-        primary_metric(student, "keypoints/AP") > primary_metric(teacher, "keypoints/AP")
-    )
-    assert summary["final_model"] == (r["student"] if r["promoted"] else str(trained_tiny_model))
+    first, second = summary["rounds"]
+    # round 1: the blind teacher scores 0, the student keeps the trained model's true positives
+    assert first["primary"]["metric"] == "bbox/AP50" and first["primary"]["teacher"] == 0.0
+    assert first["primary"]["student"] > 0 and first["promoted"] is True
+    assert all(v == 0.0 for m in first["metrics"]["teacher"].values() for v in m.values())
+    # round 2: its teacher is round 1's student, with round 1's metrics (not evaluated again)
+    assert second["teacher"] == first["student"] == str(out / "round_1" / "student")
+    assert second["metrics"]["teacher"] == first["metrics"]["student"]
+    assert not (out / "round_2" / "teacher_metrics.json").exists()
+    assert load_coco(out / "round_2" / "pseudo.json").data["info"]["teacher"] == first["student"]
+    assert summary["final_model"] == (second["student"] if second["promoted"] else first["student"])
     # predictions for every unlabeled image, 4 views
     lines = (out / "round_1" / "predictions.jsonl").read_text().splitlines()
     unlabeled = load_coco(tiny_data / "unlabeled.json")
     assert len(lines) == len(unlabeled.images)
     assert (
-        r["views"]["views"][0] == {"size": 160, "max_size": 320, "flip": False}
-        and len(r["views"]["views"]) == 4
+        first["views"]["views"][0] == {"size": 160, "max_size": 320, "flip": False}
+        and len(first["views"]["views"]) == 4
     )
     # the pseudo-labels: every unlabeled image, calibrated to the labeled density, provenance recorded
     pseudo = load_coco(out / "round_1" / "pseudo.json")
@@ -80,11 +98,12 @@ def test_distill_run_does_a_whole_round_and_resumes_as_a_no_op(
     assert len(pseudo.annotations) == calibration["kept_instances"]
     assert not calibration["selections"]["all"]["at_floor"]
     assert abs(len(pseudo.annotations) - target) <= 3  # exact up to score ties
-    assert pseudo.data["info"]["teacher"] == str(trained_tiny_model)
-    assert all(0 < a["agreement"] <= 1 for a in pseudo.annotations)
+    assert pseudo.data["info"]["teacher"] == str(blind_teacher)
+    assert pseudo.annotations and all(0 < a["agreement"] <= 1 for a in pseudo.annotations)
     student_meta = json.loads((out / "round_1" / "student" / "meta.json").read_text())
     assert student_meta["training"]["iterations"] == 6 and student_meta["training"]["ratio"] == [6.0, 4.0]
-    assert (out / "report.md").read_text().count("round_1/pseudo.calibration.png") == 1
+    report = (out / "report.md").read_text()
+    assert report.count("round_1/pseudo.calibration.png") == 1 and "## Round 2" in report
 
     weights = out / "round_1" / "student" / "weights.pt"
     stamp = weights.stat().st_mtime_ns
@@ -105,6 +124,24 @@ def test_distill_run_does_a_whole_round_and_resumes_as_a_no_op(
     assert "calibration (per-class)" in proc.stdout
     report = json.loads((tmp_path / "P.calibration.json").read_text())
     assert report["mode"] == "per-class" and set(report["class_thresholds"]) == {"1", "2", "3", "4"}
+
+
+@pytest.mark.slow
+def test_a_student_that_does_not_win_by_min_gain_ends_the_run(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, blind_teacher: Path
+) -> None:
+    student = {"iterations": 2, "init": str(trained_tiny_model)}
+    evaluation = {"primary": "bbox/AP50", "min_gain": 1.0}  # +100 AP points: impossible
+    config = write_pipeline(
+        tmp_path, tiny_data, blind_teacher, student=student, evaluation=evaluation, rounds=3
+    )
+    proc = run("run", "--config", str(config), "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert "stopping after round 1: the student did not beat the teacher" in proc.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (only,) = summary["rounds"]
+    assert only["primary"]["student"] > only["primary"]["teacher"] == 0.0  # it won, but not by min_gain
+    assert only["promoted"] is False and summary["final_model"] == str(blind_teacher)
+    assert not (tmp_path / "run" / "round_2").exists()
 
 
 def test_calibrate_cli_rejects_conflicting_options(tmp_path: Path, tiny_data: Path) -> None:
@@ -181,7 +218,6 @@ def test_a_run_directory_refuses_another_config_but_accepts_more_rounds(tmp_path
 
 
 def test_the_promotion_metric_must_exist(tmp_path: Path) -> None:
-    from distill.pipeline import primary_metric
 
     path = tmp_path / "p.yaml"
     data = {"labeled": "l", "labeled_images": "i", "unlabeled": "u"}

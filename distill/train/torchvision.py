@@ -74,6 +74,7 @@ def train_model(
     """Train a detector on a COCO dataset and save it as a model directory (resuming a checkpoint there)."""
     dataset = load_coco(train_json)
     config, train_cfg = recipe_configs(dataset, recipe, train_overrides, model_overrides)
+    torch.manual_seed(train_cfg.seed)  # the initial weights too: the same spec trains the same model
     detector = build_detector(config, device=device, init=init)
     data = CocoDetectionDataset(dataset, images_dir, config, keep_empty=train_cfg.keep_empty_images)
     result = train_detector(detector, data, train_cfg, out_dir, context=context)
@@ -105,6 +106,7 @@ def train_student(
     if [c["id"] for c in pseudo.categories] != [c["id"] for c in labeled.categories]:
         raise InputError(f"{pseudo_json}: categories differ from {labeled_json}'s")
     config, train_cfg = recipe_configs(labeled, recipe, train_overrides, model_overrides)
+    torch.manual_seed(train_cfg.seed)  # the initial weights too: the same spec trains the same model
     detector = build_detector(config, device=device, init=init)
     labeled_data = CocoDetectionDataset(
         labeled, labeled_images, config, keep_empty=train_cfg.keep_empty_images

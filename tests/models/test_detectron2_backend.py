@@ -27,7 +27,8 @@ with (
     import detectron2.modeling  # noqa: F401
 
 from distill.backends import load_model
-from distill.errors import InputError, ModelFileError
+from distill.errors import Cancelled, InputError, ModelFileError
+from distill.hooks import StepContext
 from distill.models.detectron2 import Detectron2Detector, init_norm_statistics, load_cfg
 from distill.tta.engine import FusionConfig, MultiViewEngine
 from distill.tta.views import ViewSet, parse_views
@@ -313,7 +314,7 @@ def test_a_short_training_run_lowers_the_loss_saves_a_model_and_resumes(
         init="scratch",
         iterations=16,
         batch_size=2,
-        progress=lambda p: losses.append(p.losses["total"]),
+        context=StepContext(progress=lambda e: losses.append(e.values["total"])),
     )
     assert len(losses) == 16 and all(map(math.isfinite, losses))
     assert sum(losses[-4:]) < sum(losses[:4])
@@ -330,6 +331,52 @@ def test_a_short_training_run_lowers_the_loss_saves_a_model_and_resumes(
     )  # fmt: skip
     assert again.iterations == result.iterations and (out / "weights.pt").read_bytes() == weights
     assert again.final_losses == result.final_losses  # the complete run's record is kept, not overwritten
+
+
+def test_a_cancelled_training_run_saves_no_model_and_resumes_from_its_checkpoint(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from distill.models.files import is_complete
+    from distill.train.detectron2 import train_detectron2
+
+    cfg = load_cfg(MASK_CONFIG, TRAIN)
+    out = tmp_path / "model"
+    seen: list[int] = []
+    stop = StepContext(progress=lambda e: seen.append(e.done), should_cancel=lambda: len(seen) >= 3)
+    args = (cfg, tiny_data / "labeled.json", tiny_data / "images", out)
+    with pytest.raises(Cancelled, match="detectron2 training at iteration 3 of 6"):
+        train_detectron2(*args, init="scratch", iterations=6, batch_size=2, context=stop)
+    assert not is_complete(out) and not (out / "weights.pt").exists()
+    assert (out / "checkpoints" / "last_checkpoint").read_text().strip() == "model_0000002.pth"
+    result = train_detectron2(*args, init="scratch", iterations=6, batch_size=2)
+    assert result.resumed_from == 3 and result.iterations == 6 and is_complete(out, 6)
+
+
+def test_the_same_json_in_two_folders_registers_two_datasets(tiny_data: Path, tmp_path: Path) -> None:
+    """A long-lived worker trains job after job in one process: an identical labeled json elsewhere, with
+    its own images, must not reuse the first job's dataset (and image root)."""
+    from detectron2.data import MetadataCatalog
+
+    from distill.models.config import config_from_coco_categories
+    from distill.train.detectron2 import _register
+
+    first, second = tmp_path / "job1", tmp_path / "job2"
+    for job in (first, second):
+        (job / "images").mkdir(parents=True)
+        (job / "labeled.json").write_bytes((tiny_data / "labeled.json").read_bytes())
+    labels = config_from_coco_categories(json.loads((tiny_data / "labeled.json").read_text())["categories"])
+    names = [_register(job / "labeled.json", job / "images", labels, "labeled") for job in (first, second)]
+    assert names[0] != names[1]
+    assert [MetadataCatalog.get(n).image_root for n in names] == [
+        str(first / "images"),
+        str(second / "images"),
+    ]
+    # the same json with another image root is another dataset too; the same pair is the same one
+    other = _register(first / "labeled.json", second / "images", labels, "labeled")
+    assert (
+        other not in names
+        and _register(first / "labeled.json", first / "images", labels, "labeled") == names[0]
+    )
 
 
 def test_distill_run_with_a_detectron2_teacher_trains_a_detectron2_student(
@@ -360,7 +407,7 @@ def test_distill_run_with_a_detectron2_teacher_trains_a_detectron2_student(
             "student": {"iterations": 4},
         }
     )
-    summary = run_pipeline(config, tmp_path / "run", echo=lambda _: None)
+    summary = run_pipeline(config, tmp_path / "run")
     round_1 = summary["rounds"][0]
     student = load_model(round_1["student"])
     assert isinstance(student, Detectron2Detector) and student.has_keypoints and student.has_masks

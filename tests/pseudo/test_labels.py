@@ -127,3 +127,23 @@ def test_strict_mode_fails_on_a_health_warning_and_writes_nothing(tmp_path: Path
     with pytest.raises(InputError, match="score floor"):
         make_pseudo_labels(results, unlabeled=unlabeled, labeled_json=labeled, out=out, strict=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["R.json", "labeled.json", "unlabeled.json"]
+
+
+def test_calibrate_min_agreement_writes_what_it_counted(tmp_path: Path) -> None:
+    """``distill calibrate --min-agreement A``: a confident prediction seen by too few views is left out of
+    the calibration *and* of the written file, so the file holds exactly the calibrated count."""
+    from tests.test_cli import run
+
+    labeled, unlabeled, results = _write_inputs(tmp_path)
+    lonely = {"image_id": 3, "category_id": 1, "bbox": [2, 2, 5, 5], "score": 0.95, "agreement": 0.25}
+    results.write_text(json.dumps([*predictions(), lonely]))
+    out = tmp_path / "P.json"
+    run(
+        "calibrate", "--predictions", str(results), "--unlabeled", str(unlabeled), "--labeled", str(labeled),
+        "--out", str(out), "--min-agreement", "0.5",
+    )  # fmt: skip
+    report = json.loads((tmp_path / "P.calibration.json").read_text())
+    pseudo = load_coco(out)
+    assert report["kept_instances"] == 2 == len(pseudo.annotations)
+    assert sorted(a["agreement"] for a in pseudo.annotations) == [0.5, 1.0]
+    assert pseudo.data["info"]["counts"]["annotations"] == 2

@@ -43,7 +43,7 @@ def test_stream_is_resumable_reports_bad_files_and_never_duplicates(
     assert [line["path"] for line in lines] == [r.path for r in refs]  # each image once, in order
     assert second.skipped == [(str(bad), lines[2]["error"])]
     results, agreement = read_results(out)
-    assert len(results) == len(agreement) and all(0.0 < a <= 1.0 for a in agreement)
+    assert agreement and len(results) == len(agreement) and all(0.0 < a <= 1.0 for a in agreement)
     assert {r["image_id"] for r in results} <= {r.image_id for r in refs}
 
     again = run_to_jsonl(engine, refs, out, batch_size=2)  # a redelivered shard: nothing recomputed
