@@ -181,45 +181,65 @@ def predict(
 
         skipped_items: list[Skipped] = []
         results = predict_coco(
-            detector, refs, batch_size=batch_size, score_thresh=score_thresh, skipped=skipped_items
-        )
+            detector, refs, batch_size=batch_size, score_thresh=score_thresh, skipped=skipped_items,
+            context=_cli_context(),
+        )  # fmt: skip
         skipped = [(s.path, s.reason) for s in skipped_items]
     else:
-        from distill.tta.engine import FusionConfig, MultiViewEngine
-        from distill.tta.stream import read_instances, run_to_jsonl
-        from distill.tta.views import parse_views
-
-        view_set = parse_views(views, test_size=detector.config.test_size, max_size=detector.config.max_size)
-        if fusion not in ("nms", "vote", "soft-nms", "wbf"):
-            raise InputError(f"--fusion {fusion!r}: expected nms, vote, soft-nms or wbf")
-        fusion_config = FusionConfig(
-            method=fusion,
-            view_score_thresh=score_thresh,
-            max_detections=max_detections,
-            feature_cache_mb=feature_cache_mb,
-        )
-        engine = MultiViewEngine(detector, view_set, fusion_config)
-        lines = out.with_name(out.name + ".jsonl")
-        streamed = run_to_jsonl(engine, refs, lines, batch_size=batch_size)
-        if engine.recomputed_views:
-            typer.echo(
-                f"note: the backbone features of {engine.recomputed_views} of {len(view_set)} views did not "
-                "fit the feature cache and were recomputed for the heads (raise --feature-cache-mb, or lower "
-                "--batch-size)",
-                err=True,
-            )
-        results = read_instances(lines)  # each keeps its agreement, for calibrate --min-agreement
-        agreement = [r["agreement"] for r in results]
-        skipped = streamed.skipped
-        write_json_atomic(
-            out.with_name(out.name + ".views.json"),
-            {"views": view_set.to_dict(), "fusion": fusion, "agreement": agreement, "skipped": skipped},
+        results, skipped = _predict_views(
+            detector, refs, out, views, fusion, batch_size, score_thresh, max_detections, feature_cache_mb
         )
     write_json_atomic(out, results)
     seconds = time.perf_counter() - started
     typer.echo(f"{len(results)} detections on {len(refs) - len(skipped)} images ({seconds:.1f} s) -> {out}")
     for path, reason in skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
+
+
+def _predict_views(
+    detector,
+    refs,
+    out: Path,
+    views: str,
+    fusion: str,
+    batch_size: int,
+    score_thresh: float | None,
+    max_detections: int,
+    feature_cache_mb: float | None,
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Multi-view predict: the fused results (with agreement), written also as ``OUT.jsonl`` (resumable) and
+    ``OUT.views.json`` (view set, fusion, agreement, skipped files)."""
+    from distill.io import write_json_atomic
+    from distill.tta.engine import FusionConfig, MultiViewEngine
+    from distill.tta.stream import read_instances, run_to_jsonl
+    from distill.tta.views import parse_views
+
+    view_set = parse_views(views, test_size=detector.config.test_size, max_size=detector.config.max_size)
+    if fusion not in ("nms", "vote", "soft-nms", "wbf"):
+        raise InputError(f"--fusion {fusion!r}: expected nms, vote, soft-nms or wbf")
+    fusion_config = FusionConfig(
+        method=fusion,
+        view_score_thresh=score_thresh,
+        max_detections=max_detections,
+        feature_cache_mb=feature_cache_mb,
+    )
+    engine = MultiViewEngine(detector, view_set, fusion_config)
+    lines = out.with_name(out.name + ".jsonl")
+    streamed = run_to_jsonl(engine, refs, lines, batch_size=batch_size, context=_cli_context())
+    if engine.recomputed_views:
+        typer.echo(
+            f"note: the backbone features of {engine.recomputed_views} of {len(view_set)} views did not "
+            "fit the feature cache and were recomputed for the heads (raise --feature-cache-mb, or lower "
+            "--batch-size)",
+            err=True,
+        )
+    results = read_instances(lines)  # each keeps its agreement, for calibrate --min-agreement
+    agreement = [r["agreement"] for r in results]
+    write_json_atomic(
+        out.with_name(out.name + ".views.json"),
+        {"views": view_set.to_dict(), "fusion": fusion, "agreement": agreement, "skipped": streamed.skipped},
+    )
+    return results, streamed.skipped
 
 
 @app.command()

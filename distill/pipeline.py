@@ -378,20 +378,34 @@ def _run_round(
     if config.data.test is not None:
         assert teacher_metrics is not None
         with _timer(minutes, "evaluate_student"):
-            student_metrics = steps.evaluate(
-                evaluate_spec(config, layout.student, layout.student_metrics, device=device), context=context
-            ).metrics
-        promoted, t_value, s_value = decide_promotion(config, teacher_metrics, student_metrics)
-        record["metrics"] = {"teacher": teacher_metrics, "student": student_metrics}
-        record["primary"] = {"metric": config.evaluation.primary, "teacher": t_value, "student": s_value}
-        record["promoted"] = promoted
-        logger.info("round %d: teacher vs student on %s (AP in points)", k, config.data.test)
-        logger.info("%s", format_table(record["metrics"]))
-        verdict = "promoted" if promoted else "not promoted (the teacher stays)"
-        logger.info("%s: teacher %.1f, student %.1f -> %s", config.evaluation.primary, 100 * t_value,
-                    100 * s_value, verdict)  # fmt: skip
+            record.update(_promotion(config, layout, teacher_metrics, device, context))
     record["minutes"] = {key: round(v, 2) for key, v in minutes.items()}
     return record, teacher_metrics
+
+
+def _promotion(
+    config: PipelineConfig,
+    layout: RoundLayout,
+    teacher_metrics: dict[str, dict[str, float]],
+    device: str,
+    context: StepContext,
+) -> dict[str, Any]:
+    """Evaluate the round's student on the test split and decide: ``metrics``, ``primary``, ``promoted``."""
+    student_metrics = steps.evaluate(
+        evaluate_spec(config, layout.student, layout.student_metrics, device=device), context=context
+    ).metrics
+    promoted, t_value, s_value = decide_promotion(config, teacher_metrics, student_metrics)
+    metrics = {"teacher": teacher_metrics, "student": student_metrics}
+    logger.info("round %d: teacher vs student on %s (AP in points)", layout.number, config.data.test)
+    logger.info("%s", format_table(metrics))
+    verdict = "promoted" if promoted else "not promoted (the teacher stays)"
+    primary = config.evaluation.primary
+    logger.info("%s: teacher %.1f, student %.1f -> %s", primary, 100 * t_value, 100 * s_value, verdict)
+    return {
+        "metrics": metrics,
+        "primary": {"metric": primary, "teacher": t_value, "student": s_value},
+        "promoted": promoted,
+    }
 
 
 def views_record(config: PipelineConfig, teacher: str) -> dict[str, Any]:

@@ -319,6 +319,14 @@ def validate_coco(data: Any, source: str = MEMORY_SOURCE) -> None:
     but required as soon as there is an annotation.
     """
     check = _Checker(source)
+    images, categories, annotations = _check_top_level(check, data)
+    image_by_id = _check_images(check, images)
+    category_by_id = _check_categories(check, categories)
+    _check_annotations(check, annotations, image_by_id, category_by_id)
+
+
+def _check_top_level(check: _Checker, data: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    """Check the top-level object and its lists; return ``(images, categories, annotations)``."""
     if not isinstance(data, dict):
         check.fail(
             "", f"expected a JSON object at the top level, got {_describe(data)}", "a COCO dataset is {...}"
@@ -337,114 +345,154 @@ def validate_coco(data: Any, source: str = MEMORY_SOURCE) -> None:
         )
     else:
         categories = []
+    return images, categories, annotations
 
+
+def _check_unique_id(
+    check: _Checker, record: dict[str, Any], field: str, seen: dict[int, str], kind: str, rule: str
+) -> int:
+    """Check that ``record['id']`` is an integer not in ``seen`` (id -> field path), then add it there."""
+    record_id = check.integer(check.required(record, "id", field), f"{field}.id")
+    if record_id in seen:
+        check.fail(
+            f"{field}.id", f"duplicate {kind} id {record_id}", f"already used by {seen[record_id]}; {rule}"
+        )
+    seen[record_id] = field
+    return record_id
+
+
+def _check_images(check: _Checker, images: list[Any]) -> dict[int, dict[str, Any]]:
+    """Check every image entry; return the images keyed by id."""
     image_by_id: dict[int, dict[str, Any]] = {}
-    image_index: dict[int, int] = {}
+    seen: dict[int, str] = {}
     for index, raw in enumerate(images):
         field = f"images[{index}]"
         image = check.obj(raw, field, "an image")
-        image_id = check.integer(check.required(image, "id", field), f"{field}.id")
-        if image_id in image_index:
-            check.fail(
-                f"{field}.id",
-                f"duplicate image id {image_id}",
-                f"already used by images[{image_index[image_id]}]; image ids must be unique",
-            )
+        image_id = _check_unique_id(check, image, field, seen, "image", "image ids must be unique")
         file_name = check.required(image, "file_name", field)
         if not isinstance(file_name, str) or not file_name:
             check.fail(f"{field}.file_name", f"expected a non-empty string, got {_describe(file_name)}")
         for key in ("width", "height"):
             check.positive_int(check.required(image, key, field), f"{field}.{key}")
         image_by_id[image_id] = image
-        image_index[image_id] = index
+    return image_by_id
 
+
+def _check_categories(check: _Checker, categories: list[Any]) -> dict[int, dict[str, Any]]:
+    """Check every category entry; return the categories keyed by id."""
     category_by_id: dict[int, dict[str, Any]] = {}
-    category_index: dict[int, int] = {}
+    seen: dict[int, str] = {}
     for index, raw in enumerate(categories):
         field = f"categories[{index}]"
         category = check.obj(raw, field, "a category")
-        category_id = check.integer(check.required(category, "id", field), f"{field}.id")
-        if category_id in category_index:
-            check.fail(
-                f"{field}.id",
-                f"duplicate category id {category_id}",
-                f"already used by categories[{category_index[category_id]}]; category ids must be unique",
-            )
+        category_id = _check_unique_id(
+            check, category, field, seen, "category", "category ids must be unique"
+        )
         name = check.required(category, "name", field)
         if not isinstance(name, str):
             check.fail(f"{field}.name", f"expected a string, got {_describe(name)}")
-        num_keypoints = 0
-        if "keypoints" in category:
-            names = check.lst(category["keypoints"], f"{field}.keypoints", "a list of keypoint names")
-            for k, keypoint_name in enumerate(names):
-                if not isinstance(keypoint_name, str):
-                    check.fail(
-                        f"{field}.keypoints[{k}]",
-                        f"expected a keypoint name string, got {_describe(keypoint_name)}",
-                    )
-            num_keypoints = len(names)
+        num_keypoints = _check_keypoint_names(check, category, field)
         if "skeleton" in category:
-            hint = f"skeleton entries are [a, b] pairs of 1-based keypoint indices (1..{num_keypoints})"
-            skeleton = check.lst(category["skeleton"], f"{field}.skeleton", hint)
-            for k, pair in enumerate(skeleton):
-                path = f"{field}.skeleton[{k}]"
-                if not (isinstance(pair, list) and len(pair) == 2):
-                    check.fail(path, f"expected a pair [a, b], got {_describe(pair)}", hint)
-                for end in pair:
-                    check.integer(end, path, hint)
-                    if not 1 <= end <= num_keypoints:
-                        check.fail(
-                            path,
-                            f"keypoint index {end} is out of range 1..{num_keypoints}",
-                            hint,
-                        )
+            _check_skeleton(check, category["skeleton"], f"{field}.skeleton", num_keypoints)
         category_by_id[category_id] = category
-        category_index[category_id] = index
+    return category_by_id
 
-    annotation_index: dict[int, int] = {}
+
+def _check_keypoint_names(check: _Checker, category: dict[str, Any], field: str) -> int:
+    """Check the category's optional ``keypoints`` name list; return its length (0 when absent)."""
+    if "keypoints" not in category:
+        return 0
+    names = check.lst(category["keypoints"], f"{field}.keypoints", "a list of keypoint names")
+    for k, keypoint_name in enumerate(names):
+        if not isinstance(keypoint_name, str):
+            check.fail(
+                f"{field}.keypoints[{k}]",
+                f"expected a keypoint name string, got {_describe(keypoint_name)}",
+            )
+    return len(names)
+
+
+def _check_skeleton(check: _Checker, value: Any, field: str, num_keypoints: int) -> None:
+    """Check a category's ``skeleton``: a list of [a, b] pairs of 1-based keypoint indices."""
+    hint = f"skeleton entries are [a, b] pairs of 1-based keypoint indices (1..{num_keypoints})"
+    skeleton = check.lst(value, field, hint)
+    for k, pair in enumerate(skeleton):
+        path = f"{field}[{k}]"
+        if not (isinstance(pair, list) and len(pair) == 2):
+            check.fail(path, f"expected a pair [a, b], got {_describe(pair)}", hint)
+        for end in pair:
+            check.integer(end, path, hint)
+            if not 1 <= end <= num_keypoints:
+                check.fail(path, f"keypoint index {end} is out of range 1..{num_keypoints}", hint)
+
+
+def _check_annotations(
+    check: _Checker,
+    annotations: list[Any],
+    image_by_id: dict[int, dict[str, Any]],
+    category_by_id: dict[int, dict[str, Any]],
+) -> None:
+    """Check every annotation entry, including that its image and category ids exist."""
+    seen: dict[int, str] = {}
     for index, raw in enumerate(annotations):
         field = f"annotations[{index}]"
         annotation = check.obj(raw, field, "an annotation")
-        annotation_id = check.integer(check.required(annotation, "id", field), f"{field}.id")
-        if annotation_id in annotation_index:
-            check.fail(
-                f"{field}.id",
-                f"duplicate annotation id {annotation_id}",
-                f"already used by annotations[{annotation_index[annotation_id]}]; ids must be unique",
-            )
-        annotation_index[annotation_id] = index
-        image_id = check.integer(check.required(annotation, "image_id", field), f"{field}.image_id")
-        if image_id not in image_by_id:
-            check.fail(
-                f"{field}.image_id",
-                f"no image with id {image_id}",
-                "every annotation must refer to an entry of 'images'",
-            )
-        image = image_by_id[image_id]
-        category_id = check.integer(check.required(annotation, "category_id", field), f"{field}.category_id")
-        if category_id not in category_by_id:
-            known = sorted(category_by_id)
-            shown = ", ".join(map(str, known[:10])) + (", ..." if len(known) > 10 else "")
-            check.fail(
-                f"{field}.category_id",
-                f"unknown category id {category_id}",
-                f"known category ids: {shown}" if known else "'categories' is empty",
-            )
-        category = category_by_id[category_id]
-        check.bbox(
-            check.required(annotation, "bbox", field, "a box is [x, y, width, height]"), f"{field}.bbox"
+        _check_unique_id(check, annotation, field, seen, "annotation", "ids must be unique")
+        image = _referenced_image(check, annotation, field, image_by_id)
+        category = _referenced_category(check, annotation, field, category_by_id)
+        _check_annotation_fields(check, annotation, field, image, category)
+
+
+def _referenced_image(
+    check: _Checker, annotation: dict[str, Any], field: str, image_by_id: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """Return the image the annotation's ``image_id`` refers to, failing on a dangling id."""
+    image_id = check.integer(check.required(annotation, "image_id", field), f"{field}.image_id")
+    if image_id not in image_by_id:
+        check.fail(
+            f"{field}.image_id",
+            f"no image with id {image_id}",
+            "every annotation must refer to an entry of 'images'",
         )
-        if "area" in annotation:
-            area = check.finite(annotation["area"], f"{field}.area")
-            if area < 0:
-                check.fail(f"{field}.area", f"expected a non-negative area, got {area!r}")
-        if "iscrowd" in annotation:
-            iscrowd = annotation["iscrowd"]
-            if not (_is_int(iscrowd) and iscrowd in (0, 1)):
-                check.fail(f"{field}.iscrowd", f"expected 0 or 1, got {_describe(iscrowd)}")
-        _check_gt_keypoints(check, annotation, category, field)
-        if "segmentation" in annotation:
-            check.segmentation(annotation["segmentation"], f"{field}.segmentation", image)
+    return image_by_id[image_id]
+
+
+def _referenced_category(
+    check: _Checker, annotation: dict[str, Any], field: str, category_by_id: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """Return the category the annotation's ``category_id`` refers to, failing on an unknown id."""
+    category_id = check.integer(check.required(annotation, "category_id", field), f"{field}.category_id")
+    if category_id not in category_by_id:
+        known = sorted(category_by_id)
+        shown = ", ".join(map(str, known[:10])) + (", ..." if len(known) > 10 else "")
+        check.fail(
+            f"{field}.category_id",
+            f"unknown category id {category_id}",
+            f"known category ids: {shown}" if known else "'categories' is empty",
+        )
+    return category_by_id[category_id]
+
+
+def _check_annotation_fields(
+    check: _Checker,
+    annotation: dict[str, Any],
+    field: str,
+    image: dict[str, Any],
+    category: dict[str, Any],
+) -> None:
+    """Check an annotation's bbox, area, iscrowd, keypoints and segmentation, in that order."""
+    check.bbox(check.required(annotation, "bbox", field, "a box is [x, y, width, height]"), f"{field}.bbox")
+    if "area" in annotation:
+        area = check.finite(annotation["area"], f"{field}.area")
+        if area < 0:
+            check.fail(f"{field}.area", f"expected a non-negative area, got {area!r}")
+    if "iscrowd" in annotation:
+        iscrowd = annotation["iscrowd"]
+        if not (_is_int(iscrowd) and iscrowd in (0, 1)):
+            check.fail(f"{field}.iscrowd", f"expected 0 or 1, got {_describe(iscrowd)}")
+    _check_gt_keypoints(check, annotation, category, field)
+    if "segmentation" in annotation:
+        check.segmentation(annotation["segmentation"], f"{field}.segmentation", image)
 
 
 def _check_gt_keypoints(

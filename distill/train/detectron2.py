@@ -102,17 +102,59 @@ def train_detectron2(
 
     torch.manual_seed(seed)
     detector = Detectron2Detector(_model_config(cfg, label_space), cfg, device=device)
+    trainer, record, start_iter = _trainer(cfg, detector, init, out_dir, names, ratio, seed, context)
+    started = time.perf_counter()
+    if start_iter < cfg.SOLVER.MAX_ITER:
+        context.check_cancelled(f"detectron2 training before iteration {start_iter}")
+        try:
+            trainer.train(start_iter, cfg.SOLVER.MAX_ITER)
+        except FloatingPointError as exc:
+            raise TrainingError(
+                f"detectron2 training diverged ({exc}); lower SOLVER.BASE_LR or turn on SOLVER.CLIP_GRADIENTS"
+            ) from None
+    detector.model.eval()
+    result = Detectron2TrainResult(
+        iterations=cfg.SOLVER.MAX_ITER,
+        first_losses=record.first,
+        final_losses=record.last,
+        seconds=time.perf_counter() - started,
+        resumed_from=start_iter,
+    )
+    training = {
+        "backend": "detectron2",
+        "data": str(labeled_json),
+        "pseudo": None if pseudo_json is None else str(pseudo_json),
+        "ratio": list(ratio) if pseudo_json is not None else None,
+        "init": init,
+        "iterations": result.iterations,
+        "first_loss": result.first_losses,
+        "final_loss": result.final_losses,
+        "seconds": round(result.seconds, 1),
+    }
+    detector.save(out_dir, extra={"training": training})
+    return result
+
+
+def _trainer(
+    cfg: CfgNode,
+    detector: Detectron2Detector,
+    init: str,
+    out_dir: Path,
+    names: list[str],
+    ratio: tuple[float, float],
+    seed: int,
+    context: StepContext,
+) -> tuple[SimpleTrainer, _Record, int]:
+    """detectron2's SimpleTrainer with its LR schedule, periodic checkpoints and distill's record hook, the
+    model resumed from its last checkpoint (or initialised from ``init``); the iteration to start at."""
     model = detector.model
     model.train()
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
-    (out_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    checkpointer = DetectionCheckpointer(
-        model, str(out_dir / CHECKPOINT_DIR), optimizer=optimizer, scheduler=scheduler
-    )
+    Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler)
     start_iter = _resume_or_init(checkpointer, detector, init, out_dir)
-    loader = _data_loader(cfg, names, ratio, seed, start_iter)
-    trainer = SimpleTrainer(model, loader, optimizer)
+    trainer = SimpleTrainer(model, _data_loader(cfg, names, ratio, seed, start_iter), optimizer)
     record = _Record(context, cfg.SOLVER.MAX_ITER, checkpointer)
     trainer.register_hooks(
         [
@@ -124,40 +166,7 @@ def train_detectron2(
             record,
         ]
     )
-    started = time.perf_counter()
-    if start_iter < cfg.SOLVER.MAX_ITER:
-        context.check_cancelled(f"detectron2 training before iteration {start_iter}")
-        try:
-            trainer.train(start_iter, cfg.SOLVER.MAX_ITER)
-        except FloatingPointError as exc:
-            raise TrainingError(
-                f"detectron2 training diverged ({exc}); lower SOLVER.BASE_LR or turn on SOLVER.CLIP_GRADIENTS"
-            ) from None
-    model.eval()
-    result = Detectron2TrainResult(
-        iterations=cfg.SOLVER.MAX_ITER,
-        first_losses=record.first,
-        final_losses=record.last,
-        seconds=time.perf_counter() - started,
-        resumed_from=start_iter,
-    )
-    detector.save(
-        out_dir,
-        extra={
-            "training": {
-                "backend": "detectron2",
-                "data": str(labeled_json),
-                "pseudo": None if pseudo_json is None else str(pseudo_json),
-                "ratio": list(ratio) if pseudo_json is not None else None,
-                "init": init,
-                "iterations": result.iterations,
-                "first_loss": result.first_losses,
-                "final_loss": result.final_losses,
-                "seconds": round(result.seconds, 1),
-            }
-        },
-    )
-    return result
+    return trainer, record, start_iter
 
 
 def _model_config(cfg: CfgNode, label_space: Any) -> Detectron2ModelConfig:

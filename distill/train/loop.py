@@ -153,10 +153,7 @@ def train_detector(
         last = values
         lr = state.optimizer.param_groups[0]["lr"]
         if iteration % cfg.log_period == 0 or iteration == cfg.iterations:
-            record = {"iteration": iteration, "lr": lr, **values}
-            history.append(record)
-            with open(out_dir / LOG_FILE, "a") as log:
-                log.write(json.dumps(record) + "\n")
+            history.append(_log(out_dir / LOG_FILE, {"iteration": iteration, "lr": lr, **values}))
         rate = speed.tick(iteration % cfg.log_period == 0)
         context.report(
             "train", iteration, cfg.iterations, values={**values, "lr": lr, "iters_per_second": rate}
@@ -165,6 +162,13 @@ def train_detector(
             state.save(iteration)
     detector.eval()
     return TrainResult(iteration, start, last, first, time.perf_counter() - began, history)
+
+
+def _log(path: Path, record: dict[str, float]) -> dict[str, float]:
+    """Append one line to the training log; returns the record."""
+    with open(path, "a") as log:
+        log.write(json.dumps(record) + "\n")
+    return record
 
 
 def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -13,7 +13,6 @@ dropped), and does nothing when ``OUT`` already exists — so a redelivered shar
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +24,6 @@ from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_text_atomic
 from distill.train.data import image_to_tensor
 from distill.tta.engine import MultiViewEngine
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,9 +71,6 @@ def run_to_jsonl(
             os.fsync(handle.fileno())
             count += len(lines)
             context.report("infer", count, len(refs))
-            for line in lines:
-                if "error" in line:
-                    logger.warning("skipped %s: %s", line["path"], line["error"])
     os.replace(partial, out)
     return StreamResult(out, count, len(refs), _skipped(_read_lines(out)), True)
 
