@@ -9,7 +9,6 @@ without detectron2.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,19 +20,9 @@ from distill.hooks import NULL_CONTEXT, StepContext
 from distill.models.config import ModelConfig, load_model_config
 from distill.models.files import CONFIG_FILE, WEIGHTS_FILE, load_exact, read_meta, read_state_dict
 from distill.specs import TrainSpec
+from distill.train.loop import TrainResult
 
-__all__ = ["Backend", "TrainOutcome", "get_backend", "list_backends", "load_model", "model_backend"]
-
-
-@dataclass
-class TrainOutcome:
-    """What a backend's training reports (both trainers' result records, one shape)."""
-
-    iterations: int
-    resumed_from: int
-    first_losses: dict[str, float]
-    final_losses: dict[str, float]
-    seconds: float
+__all__ = ["Backend", "get_backend", "list_backends", "load_model", "model_backend"]
 
 
 class Backend(Protocol):
@@ -45,7 +34,7 @@ class Backend(Protocol):
     def load(self, directory: Path, config: Any, device: str | torch.device) -> Any:
         """The detector of a model directory whose ``config.yaml`` names this backend."""
 
-    def train(self, spec: TrainSpec, context: StepContext) -> TrainOutcome:
+    def train(self, spec: TrainSpec, context: StepContext) -> TrainResult:
         """Train ``spec.out`` (all keys in ``spec`` are local paths here); resumes its checkpoint."""
 
     def default_iterations(self, model_dir: Path) -> int | None:
@@ -65,7 +54,7 @@ class TorchvisionBackend:
         load_exact(detector.model, read_state_dict(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
         return detector
 
-    def train(self, spec: TrainSpec, context: StepContext = NULL_CONTEXT) -> TrainOutcome:
+    def train(self, spec: TrainSpec, context: StepContext = NULL_CONTEXT) -> TrainResult:
         from distill.train.torchvision import train_model, train_student
 
         if spec.config_overrides or spec.architecture_from:
@@ -97,9 +86,7 @@ class TorchvisionBackend:
                 ratio=spec.ratio,
                 **common,
             )
-        return TrainOutcome(
-            result.iterations, result.resumed_from, result.first_losses, result.final_losses, result.seconds
-        )
+        return result
 
     def default_iterations(self, model_dir: Path) -> int | None:
         trained = read_meta(model_dir).get("training", {}).get("iterations")
@@ -122,7 +109,7 @@ class Detectron2Backend:
 
         return Detectron2Detector.from_directory(directory, config, device=device)
 
-    def train(self, spec: TrainSpec, context: StepContext = NULL_CONTEXT) -> TrainOutcome:
+    def train(self, spec: TrainSpec, context: StepContext = NULL_CONTEXT) -> TrainResult:
         from distill.models.detectron2 import load_cfg
         from distill.train.detectron2 import read_cfg_of_model, train_detectron2
 
@@ -153,9 +140,7 @@ class Detectron2Backend:
             device=spec.device,
             context=context,
         )
-        return TrainOutcome(
-            result.iterations, result.resumed_from, result.first_losses, result.final_losses, result.seconds
-        )
+        return result
 
     def default_iterations(self, model_dir: Path) -> int | None:
         trained = read_meta(model_dir).get("training", {}).get("iterations")

@@ -7,7 +7,6 @@ continuous pixels, so a horizontal flip maps ``x -> W - x`` (and a box ``[x1, x2
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -15,15 +14,6 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
-
-
-def resized_shape(height: int, width: int, size: int, max_size: int) -> tuple[int, int]:
-    """The (h, w) torchvision gives an image whose shorter side is resized to ``size`` (longer side capped).
-
-    Mirrors ``torch.nn.functional.interpolate(scale_factor=s, recompute_scale_factor=True)``: floor(dim * s).
-    """
-    scale = min(size / min(height, width), max_size / max(height, width))
-    return math.floor(height * scale), math.floor(width * scale)
 
 
 def orientation_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:

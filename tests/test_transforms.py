@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import math
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distill.transforms import ResizeFlip, resized_shape
+from distill.transforms import ResizeFlip
 
 sizes = st.integers(min_value=16, max_value=2000)
 
@@ -32,6 +34,15 @@ def test_boxes_and_keypoints_map_back_for_every_size_and_flip(height, width, vie
     kp = torch.tensor([[[float(view_point[0]), float(view_point[1]), 1.0]]])
     back = t.inverse_keypoints(kp, None)
     assert torch.allclose(back[0, 0, :2], point[0, :2], atol=1e-3 * max(height, width), rtol=1e-4)
+
+
+def resized_shape(height: int, width: int, size: int, max_size: int) -> tuple[int, int]:
+    """The (h, w) torchvision gives an image whose shorter side is resized to ``size`` (longer side capped).
+
+    Mirrors ``torch.nn.functional.interpolate(scale_factor=s, recompute_scale_factor=True)``: floor(dim * s).
+    """
+    scale = min(size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
 
 
 def test_flip_maps_x_to_width_minus_x_and_swaps_channels() -> None:

@@ -33,8 +33,6 @@ __all__ = [
     "save_coco",
     "validate_coco",
     "validate_results",
-    "xywh_to_xyxy",
-    "xyxy_to_xywh",
 ]
 
 MEMORY_SOURCE = "<memory>"
@@ -756,31 +754,6 @@ def coco_statistics(dataset: CocoDataset) -> CocoStats:
 # --------------------------------------------------------------------------------------------------
 # Boxes and masks
 # --------------------------------------------------------------------------------------------------
-
-
-def _boxes(box: Any) -> np.ndarray:
-    array = np.asarray(box)
-    if not np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float64)
-    if array.ndim == 0 or array.shape[-1] != 4:
-        raise ValueError(f"expected boxes with 4 numbers in the last dimension, got shape {array.shape}")
-    return array.copy()
-
-
-def xywh_to_xyxy(box: Any) -> Any:
-    """``[x, y, w, h]`` -> ``[x1, y1, x2, y2]``; arrays of shape (..., 4) stay arrays, lists become lists."""
-    out = _boxes(box)
-    out[..., 2] += out[..., 0]
-    out[..., 3] += out[..., 1]
-    return out if isinstance(box, np.ndarray) else out.tolist()
-
-
-def xyxy_to_xywh(box: Any) -> Any:
-    """``[x1, y1, x2, y2]`` -> ``[x, y, w, h]``; arrays of shape (..., 4) stay arrays, lists become lists."""
-    out = _boxes(box)
-    out[..., 2] -= out[..., 0]
-    out[..., 3] -= out[..., 1]
-    return out if isinstance(box, np.ndarray) else out.tolist()
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from distill.hooks import NULL_CONTEXT, StepContext
 from distill.models.config import Detectron2ModelConfig, config_from_coco_categories
 from distill.models.detectron2 import Detectron2Detector
 from distill.models.files import is_complete, read_meta
+from distill.train.loop import TrainResult
 from distill.train.samplers import RatioBatchSampler
 
 from detectron2.checkpoint import DetectionCheckpointer  # isort: skip
@@ -45,15 +45,6 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.solver import build_lr_scheduler, build_optimizer
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-@dataclass
-class Detectron2TrainResult:
-    iterations: int
-    first_losses: dict[str, float]
-    final_losses: dict[str, float]
-    seconds: float
-    resumed_from: int = 0
 
 
 def train_detectron2(
@@ -72,7 +63,7 @@ def train_detectron2(
     seed: int = 0,
     device: str = "cpu",
     context: StepContext = NULL_CONTEXT,
-) -> Detectron2TrainResult:
+) -> TrainResult:
     """Train ``cfg``'s model on the labeled set (plus pseudo-labels at ``ratio``); save a model dir.
 
     ``init``: ``imagenet`` (``cfg.MODEL.WEIGHTS``: ImageNet weights in the model-zoo configs; must be a local
@@ -113,7 +104,7 @@ def train_detectron2(
                 f"detectron2 training diverged ({exc}); lower SOLVER.BASE_LR or turn on SOLVER.CLIP_GRADIENTS"
             ) from None
     detector.model.eval()
-    result = Detectron2TrainResult(
+    result = TrainResult(
         iterations=cfg.SOLVER.MAX_ITER,
         first_losses=record.first,
         final_losses=record.last,
@@ -186,12 +177,12 @@ def _model_config(cfg: CfgNode, label_space: Any) -> Detectron2ModelConfig:
     )
 
 
-def _finished_run(out_dir: Path, iterations: int) -> Detectron2TrainResult | None:
+def _finished_run(out_dir: Path, iterations: int) -> TrainResult | None:
     """The record of a complete run in ``out_dir`` (its ``meta.json``), if there is one of this length."""
     if not is_complete(out_dir, iterations):
         return None
     training = read_meta(out_dir)["training"]
-    return Detectron2TrainResult(
+    return TrainResult(
         iterations=iterations,
         first_losses=training.get("first_loss", {}),
         final_losses=training.get("final_loss", {}),
@@ -393,4 +384,4 @@ def read_cfg_of_model(model_dir: str | Path) -> CfgNode:
     return load_cfg(model_dir / config.detectron2_config)
 
 
-__all__ = ["Detectron2TrainResult", "read_cfg_of_model", "train_detectron2"]
+__all__ = ["read_cfg_of_model", "train_detectron2"]

@@ -122,9 +122,3 @@ def _skipped(lines: list[dict]) -> list[tuple[str, str]]:
 def read_instances(path: str | Path) -> list[dict]:
     """Every fused instance of a JSON-lines file as a COCO result entry, its ``agreement`` kept."""
     return [dict(instance) for line in _read_lines(Path(path)) for instance in line.get("instances", [])]
-
-
-def read_results(path: str | Path) -> tuple[list[dict], list[float]]:
-    """COCO results (without the agreement field) and the aligned agreement values of a JSON-lines file."""
-    results = read_instances(path)
-    return results, [r.pop("agreement") for r in results]

@@ -22,8 +22,6 @@ from distill.data.coco import (
     save_coco,
     validate_coco,
     validate_results,
-    xywh_to_xyxy,
-    xyxy_to_xywh,
 )
 from distill.errors import CocoFormatError, InputError
 
@@ -572,19 +570,6 @@ def test_statistics_of_empty_dataset() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ converters
-
-
-def test_box_conversions() -> None:
-    assert xywh_to_xyxy([1, 2, 3, 4]) == [1.0, 2.0, 4.0, 6.0]
-    assert xyxy_to_xywh([1, 2, 4, 6]) == [1.0, 2.0, 3.0, 4.0]
-    boxes = np.array([[0.5, 1.0, 2.0, 3.0], [10, 20, 0, 0]], dtype=np.float32)
-    xyxy = xywh_to_xyxy(boxes)
-    assert isinstance(xyxy, np.ndarray) and xyxy.dtype == np.float32
-    np.testing.assert_allclose(xyxy, [[0.5, 1.0, 2.5, 4.0], [10, 20, 10, 20]])
-    np.testing.assert_allclose(xyxy_to_xywh(xyxy), boxes)
-    np.testing.assert_allclose(boxes[0], [0.5, 1.0, 2.0, 3.0])  # input not modified
-    with pytest.raises(ValueError, match="4 numbers"):
-        xywh_to_xyxy([1, 2, 3])
 
 
 def test_mask_round_trip_and_polygon_decode() -> None:

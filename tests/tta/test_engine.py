@@ -15,9 +15,10 @@ from distill.models.base import PreparedBatch
 from distill.models.config import ModelConfig
 from distill.models.torchvision import decode_heatmaps
 from distill.structures import Detections
-from distill.transforms import ResizeFlip, resized_shape
+from distill.transforms import ResizeFlip
 from distill.tta.engine import FusionConfig, MultiViewEngine
 from distill.tta.views import parse_views
+from tests.test_transforms import resized_shape
 
 
 def _images(seed: int = 0) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from distill.data.images import iter_image_refs
 from distill.errors import Cancelled
 from distill.hooks import StepContext
 from distill.tta.engine import MultiViewEngine
-from distill.tta.stream import partial_path, read_results, run_to_jsonl
+from distill.tta.stream import partial_path, read_instances, run_to_jsonl
 from distill.tta.views import parse_views
 
 
@@ -42,7 +42,8 @@ def test_stream_is_resumable_reports_bad_files_and_never_duplicates(
     lines = [json.loads(t) for t in out.read_text().splitlines()]
     assert [line["path"] for line in lines] == [r.path for r in refs]  # each image once, in order
     assert second.skipped == [(str(bad), lines[2]["error"])]
-    results, agreement = read_results(out)
+    results = read_instances(out)
+    agreement = [r.pop("agreement") for r in results]
     assert agreement and len(results) == len(agreement) and all(0.0 < a <= 1.0 for a in agreement)
     assert {r["image_id"] for r in results} <= {r.image_id for r in refs}
 
