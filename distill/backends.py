@@ -18,7 +18,14 @@ import yaml
 from distill.errors import InputError, ModelFileError
 from distill.hooks import NULL_CONTEXT, StepContext
 from distill.models.config import ModelConfig, load_model_config
-from distill.models.files import CONFIG_FILE, WEIGHTS_FILE, load_exact, read_meta, read_state_dict
+from distill.models.files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    is_complete,
+    load_exact,
+    read_meta,
+    read_state_dict,
+)
 from distill.specs import TrainSpec
 from distill.train.loop import TrainResult
 
@@ -39,6 +46,10 @@ class Backend(Protocol):
 
     def default_iterations(self, model_dir: Path) -> int | None:
         """How long the model in ``model_dir`` was (or would be) trained, for a student's schedule."""
+
+    def is_trained(self, spec: TrainSpec, model_dir: Path) -> bool:
+        """Whether the complete model directory ``model_dir`` is what training ``spec`` would make (its
+        schedule length; for torchvision also the training config), so that the step can reuse it."""
 
 
 class TorchvisionBackend:
@@ -62,10 +73,7 @@ class TorchvisionBackend:
                 "config_overrides / architecture_from are for the detectron2 backend (torchvision recipes "
                 "take a YAML file)"
             )
-        overrides = {
-            **spec.train_overrides,
-            **{k: v for k, v in {"iterations": spec.iterations, "seed": spec.seed}.items() if v is not None},
-        }
+        overrides = _train_overrides(spec)
         common = {
             "recipe": spec.config,
             "init": spec.init,
@@ -92,6 +100,21 @@ class TorchvisionBackend:
         trained = read_meta(model_dir).get("training", {}).get("iterations")
         return int(trained) if trained else None
 
+    def is_trained(self, spec: TrainSpec, model_dir: Path) -> bool:
+        from distill.recipes import load_recipe
+        from distill.train.loop import TrainConfig
+
+        cfg = TrainConfig.model_validate({**load_recipe(spec.config)["train"], **_train_overrides(spec)})
+        training = read_meta(model_dir).get("training", {})
+        return is_complete(model_dir, cfg.iterations) and training.get("config") == cfg.model_dump(
+            mode="json"
+        )
+
+
+def _train_overrides(spec: TrainSpec) -> dict[str, Any]:
+    fields = {"iterations": spec.iterations, "seed": spec.seed}
+    return {**spec.train_overrides, **{k: v for k, v in fields.items() if v is not None}}
+
 
 class Detectron2Backend:
     name = "detectron2"
@@ -110,24 +133,12 @@ class Detectron2Backend:
         return Detectron2Detector.from_directory(directory, config, device=device)
 
     def train(self, spec: TrainSpec, context: StepContext = NULL_CONTEXT) -> TrainResult:
-        from distill.models.detectron2 import load_cfg
-        from distill.train.detectron2 import read_cfg_of_model, train_detectron2
+        from distill.train.detectron2 import train_detectron2
 
         if spec.train_overrides or spec.model_overrides:
             raise InputError("train_overrides / model_overrides are for torchvision; use config_overrides")
-        if spec.architecture_from is not None:
-            cfg = read_cfg_of_model(spec.architecture_from)
-            if spec.config_overrides:
-                cfg = cfg.clone()
-                cfg.defrost()
-                cfg.merge_from_list(list(spec.config_overrides))
-                cfg.freeze()
-        elif spec.config is not None:
-            cfg = load_cfg(spec.config, spec.config_overrides)
-        else:
-            raise InputError("the detectron2 backend needs a config: a .yaml or a model-zoo config name")
-        result = train_detectron2(
-            cfg,
+        return train_detectron2(
+            self._cfg(spec),
             spec.labeled,
             spec.labeled_images,
             spec.out,
@@ -140,7 +151,26 @@ class Detectron2Backend:
             device=spec.device,
             context=context,
         )
-        return result
+
+    def _cfg(self, spec: TrainSpec) -> Any:
+        """The detectron2 config ``spec`` trains: a teacher's (``architecture_from``) or ``spec.config``."""
+        from distill.models.detectron2 import load_cfg
+        from distill.train.detectron2 import read_cfg_of_model
+
+        if spec.architecture_from is not None:
+            cfg = read_cfg_of_model(spec.architecture_from)
+            if spec.config_overrides:
+                cfg = cfg.clone()
+                cfg.defrost()
+                cfg.merge_from_list(list(spec.config_overrides))
+                cfg.freeze()
+            return cfg
+        if spec.config is None:
+            raise InputError("the detectron2 backend needs a config: a .yaml or a model-zoo config name")
+        return load_cfg(spec.config, spec.config_overrides)
+
+    def is_trained(self, spec: TrainSpec, model_dir: Path) -> bool:
+        return is_complete(model_dir, spec.iterations or int(self._cfg(spec).SOLVER.MAX_ITER))
 
     def default_iterations(self, model_dir: Path) -> int | None:
         trained = read_meta(model_dir).get("training", {}).get("iterations")

@@ -173,73 +173,82 @@ def predict(
     from distill.data.images import iter_image_refs
     from distill.io import write_json_atomic
 
-    detector = load_model(model, device=_device(device))
-    refs = iter_image_refs(images, images_dir=images_dir)
     started = time.perf_counter()
     if views == "none":
         from distill.predict import Skipped, predict_coco
 
+        refs = iter_image_refs(images, images_dir=images_dir)
+        detector = load_model(model, device=_device(device))
         skipped_items: list[Skipped] = []
         results = predict_coco(
             detector, refs, batch_size=batch_size, score_thresh=score_thresh, skipped=skipped_items,
             context=_cli_context(),
         )  # fmt: skip
         skipped = [(s.path, s.reason) for s in skipped_items]
+        images_done = len(refs) - len(skipped)
     else:
-        results, skipped = _predict_views(
-            detector, refs, out, views, fusion, batch_size, score_thresh, max_detections, feature_cache_mb
-        )
+        from distill.specs import InferenceSpec
+
+        if fusion not in ("nms", "vote", "soft-nms", "wbf"):
+            raise InputError(f"--fusion {fusion!r}: expected nms, vote, soft-nms or wbf")
+        inference = InferenceSpec(
+            views=views, fusion=fusion, batch_size=batch_size, max_detections=max_detections,
+            view_score_thresh=score_thresh, feature_cache_mb=feature_cache_mb,
+        )  # fmt: skip
+        results, skipped = _predict_views(model, images, images_dir, out, inference, _device(device))
+        images_done = len(iter_image_refs(images, images_dir=images_dir)) - len(skipped)
     write_json_atomic(out, results)
     seconds = time.perf_counter() - started
-    typer.echo(f"{len(results)} detections on {len(refs) - len(skipped)} images ({seconds:.1f} s) -> {out}")
+    typer.echo(f"{len(results)} detections on {images_done} images ({seconds:.1f} s) -> {out}")
     for path, reason in skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
 
 
 def _predict_views(
-    detector,
-    refs,
-    out: Path,
-    views: str,
-    fusion: str,
-    batch_size: int,
-    score_thresh: float | None,
-    max_detections: int,
-    feature_cache_mb: float | None,
+    model: Path, images: Path, images_dir: Path | None, out: Path, inference, device: str
 ) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Multi-view predict: the fused results (with agreement), written also as ``OUT.jsonl`` (resumable) and
-    ``OUT.views.json`` (view set, fusion, agreement, skipped files)."""
+    """Multi-view predict through the ``infer`` step: the fused results (with agreement), also written as
+    ``OUT.jsonl`` (the resumable stream) and ``OUT.views.json`` (view set, fusion, agreement, skipped)."""
+    from distill import steps
     from distill.io import write_json_atomic
-    from distill.tta.engine import FusionConfig, MultiViewEngine
-    from distill.tta.stream import read_instances, run_to_jsonl
-    from distill.tta.views import parse_views
+    from distill.specs import InferSpec
+    from distill.tta.stream import read_instances
 
-    view_set = parse_views(views, test_size=detector.config.test_size, max_size=detector.config.max_size)
-    if fusion not in ("nms", "vote", "soft-nms", "wbf"):
-        raise InputError(f"--fusion {fusion!r}: expected nms, vote, soft-nms or wbf")
-    fusion_config = FusionConfig(
-        method=fusion,
-        view_score_thresh=score_thresh,
-        max_detections=max_detections,
-        feature_cache_mb=feature_cache_mb,
-    )
-    engine = MultiViewEngine(detector, view_set, fusion_config)
     lines = out.with_name(out.name + ".jsonl")
-    streamed = run_to_jsonl(engine, refs, lines, batch_size=batch_size, context=_cli_context())
-    if engine.recomputed_views:
-        typer.echo(
-            f"note: the backbone features of {engine.recomputed_views} of {len(view_set)} views did not "
-            "fit the feature cache and were recomputed for the heads (raise --feature-cache-mb, or lower "
-            "--batch-size)",
-            err=True,
-        )
+    spec = InferSpec(
+        model=str(model),
+        images=str(images),
+        images_dir=None if images_dir is None else str(images_dir),
+        out=str(lines),
+        inference=inference,
+        device=device,
+    )
+    result = steps.infer(spec, context=_cli_context())
+    for warning in result.warnings:
+        if not warning.startswith("skipped "):
+            typer.echo(f"note: {warning}", err=True)
+    streamed = [json.loads(t) for t in lines.read_text().splitlines()]
+    skipped = [(line["path"], line["error"]) for line in streamed if "error" in line]
     results = read_instances(lines)  # each keeps its agreement, for calibrate --min-agreement
-    agreement = [r["agreement"] for r in results]
     write_json_atomic(
         out.with_name(out.name + ".views.json"),
-        {"views": view_set.to_dict(), "fusion": fusion, "agreement": agreement, "skipped": streamed.skipped},
+        {
+            "views": result.info.get("views") or _views_of(model, inference.views),
+            "fusion": inference.fusion,
+            "agreement": [r["agreement"] for r in results],
+            "skipped": skipped,
+        },
     )
-    return results, streamed.skipped
+    return results, skipped
+
+
+def _views_of(model: Path, views: str) -> dict:
+    """The view set of a model (for a stream that was complete already)."""
+    from distill.models.config import load_model_config
+    from distill.tta.views import parse_views
+
+    config = load_model_config(model / "config.yaml")
+    return parse_views(views, test_size=config.test_size, max_size=config.max_size).to_dict()
 
 
 @app.command()

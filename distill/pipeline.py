@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from distill import steps
 from distill.backends import get_backend, model_backend
@@ -51,15 +51,12 @@ from distill.specs import (
     InferSpec,
     PseudoLabelSpec,
     TrainSpec,
+    _Strict,
 )
 from distill.train.loop import TrainConfig
 from distill.tta.views import parse_views
 
 logger = logging.getLogger(__name__)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class DataSpec(_Strict):
@@ -337,7 +334,8 @@ def _run_round(
                 logger.info(
                     "training the teacher on %s (%d iterations)", config.data.labeled, spec.iterations
                 )
-            steps.train(spec, context=context)
+            if steps.train(spec, context=context).reused:
+                logger.info("teacher: %s is complete", teacher)
     if config.data.test is not None and teacher_metrics is None:
         with _timer(minutes, "evaluate_teacher"):
             teacher_metrics = steps.evaluate(
@@ -360,7 +358,8 @@ def _run_round(
         if not is_complete(layout.student, spec.iterations):
             mix = f"{spec.ratio[0]:g}:{spec.ratio[1]:g}"
             logger.info("training the student (%d iterations, labeled:pseudo = %s)", spec.iterations, mix)
-        steps.train(spec, context=context)
+        if steps.train(spec, context=context).reused:
+            logger.info("student: %s is complete", layout.student)
     record: dict[str, Any] = {
         "round": k,
         "teacher": teacher,

@@ -25,7 +25,7 @@ class InferenceSpec(_Strict):
     max_detections: int = Field(100, ge=1)
     score_floor: float = Field(0.0, ge=0, le=1)
     view_score_thresh: float | None = Field(None, ge=0, le=1)
-    feature_cache_mb: float | None = Field(None, gt=0)  # None: sized from the free memory (FusionConfig)
+    feature_cache_mb: float | None = Field(None, ge=0)  # None: sized from the free memory (FusionConfig)
 
 
 class CalibrationSpec(_Strict):

@@ -17,7 +17,6 @@ A round is these steps in order (see :mod:`distill.pipeline`, which composes the
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from distill.evaluate import evaluate as coco_evaluate
 from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_json_atomic
 from distill.layout import calibration_files
-from distill.models.files import CHECKPOINT_FILE, file_sha256, is_complete, read_meta
+from distill.models.files import CONFIG_FILE, META_FILE, WEIGHTS_FILE, file_sha256, is_complete, read_meta
 from distill.predict import predict_coco
 from distill.pseudo.make import load_predictions, make_pseudo_labels
 from distill.specs import EvaluateSpec, InferSpec, PseudoLabelSpec, StepResult, TrainSpec
@@ -40,22 +39,35 @@ from distill.tta.views import parse_views
 
 __all__ = ["LOCAL", "evaluate", "evaluate_model", "infer", "pseudo_label", "shard_slice", "train"]
 
-logger = logging.getLogger(__name__)
 
 LOCAL = Storage()  # local paths, as given
 
 
 # -- train -------------------------------------------------------------------------------------------------
+# what loading a model needs of its directory (not its checkpoints); detectron2.yaml for detectron2 models
+MODEL_FILES = [CONFIG_FILE, WEIGHTS_FILE, META_FILE, "detectron2.yaml"]
+
+
 def train(spec: TrainSpec, storage: Storage = LOCAL, context: StepContext = NULL_CONTEXT) -> StepResult:
-    """Train (or resume training) the model directory ``spec.out`` with ``spec.backend``."""
-    backend = get_backend(spec.backend, source="train.backend")
+    """Train (or resume training) the model directory ``spec.out`` with ``spec.backend``.
+
+    A model directory already trained to this spec (its backend says: same iterations, for torchvision the
+    same training config) is ``reused``; a different one resumes or refuses through its checkpoint.
+    """
+    backend = get_backend(spec.backend, source=f"backend {spec.backend!r}")
     artifacts = {"model": spec.out}
-    if _model_done(storage, spec.out, spec.iterations):
-        logger.info("%s is complete", spec.out)
-        return StepResult(step="train", artifacts=artifacts, reused=True, info=_training_info(storage, spec))
+    config = _local_config(storage, spec.config)
+    done = _trained_model(storage, spec.out)
+    planned = {
+        "config": config,
+        "architecture_from": _local_or_none(storage, spec.architecture_from, MODEL_FILES),
+    }
+    if done is not None and backend.is_trained(spec.model_copy(update=planned), done):
+        iterations = read_meta(done).get("training", {}).get("iterations")
+        return StepResult(step="train", artifacts=artifacts, reused=True, info={"iterations": iterations})
     out = storage.output(spec.out)
-    if not storage.is_local and storage.exists(f"{spec.out}/{CHECKPOINT_FILE}"):
-        storage.local(spec.out)  # another worker's checkpoint: resume it
+    if not storage.is_local and storage.exists(spec.out):
+        storage.local(spec.out)  # what another worker left (checkpoints): resume it
     local = spec.model_copy(
         update={
             "out": str(out),
@@ -63,13 +75,13 @@ def train(spec: TrainSpec, storage: Storage = LOCAL, context: StepContext = NULL
             "labeled_images": str(storage.local(spec.labeled_images)),
             "pseudo": _local_or_none(storage, spec.pseudo),
             "pseudo_images": _local_or_none(storage, spec.pseudo_images),
-            "architecture_from": _local_or_none(storage, spec.architecture_from),
+            "architecture_from": planned["architecture_from"],
             "init": spec.init if spec.init in ("scratch", "imagenet") else str(storage.local(spec.init)),
-            "config": _local_config(storage, spec.config),
+            "config": config,
         }
     )
     try:
-        outcome = backend.train(local, context)
+        result = backend.train(local, context)
     except Cancelled:
         if not storage.is_local and out.is_dir():
             storage.commit(spec.out)  # the checkpoint, without weights.pt/meta.json: resumable elsewhere
@@ -78,30 +90,28 @@ def train(spec: TrainSpec, storage: Storage = LOCAL, context: StepContext = NULL
     return StepResult(
         step="train",
         artifacts=artifacts,
-        metrics={"first_loss": outcome.first_losses, "final_loss": outcome.final_losses},
+        metrics={"first_loss": result.first_losses, "final_loss": result.final_losses},
         info={
-            "iterations": outcome.iterations,
-            "resumed_from": outcome.resumed_from,
-            "seconds": outcome.seconds,
+            "iterations": result.iterations,
+            "resumed_from": result.resumed_from,
+            "seconds": result.seconds,
         },
     )
 
 
-def _model_done(storage: Storage, key: str, iterations: int | None) -> bool:
+def _trained_model(storage: Storage, key: str) -> Path | None:
+    """The local copy of a complete model directory at ``key`` (``weights.pt`` + ``meta.json``), or None."""
     if storage.is_local:
-        return is_complete(storage.path(key), iterations)
-    if not storage.exists(f"{key}/meta.json"):
-        return False
-    return is_complete(storage.local(key), iterations)
+        path = Path(storage.path(key))
+        return path if is_complete(path) else None
+    if not storage.exists(f"{key}/{META_FILE}"):
+        return None
+    path = storage.local(key, members=MODEL_FILES)
+    return path if is_complete(path) else None
 
 
-def _training_info(storage: Storage, spec: TrainSpec) -> dict[str, Any]:
-    training = read_meta(storage.local(spec.out) if not storage.is_local else storage.path(spec.out))
-    return {"iterations": training.get("training", {}).get("iterations")}
-
-
-def _local_or_none(storage: Storage, key: str | None) -> str | None:
-    return None if key is None else str(storage.local(key))
+def _local_or_none(storage: Storage, key: str | None, members: list[str] | None = None) -> str | None:
+    return None if key is None else str(storage.local(key, members=members))
 
 
 def _local_config(storage: Storage, config: str | None) -> str | None:
@@ -126,7 +136,7 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
         lines = storage.local(spec.out).read_text().splitlines()
         return StepResult(step="infer", artifacts=artifacts, reused=True, info={"images": len(lines)})
     inference = spec.inference
-    detector = load_model(storage.local(spec.model), device=spec.device)
+    detector = load_model(storage.local(spec.model, members=MODEL_FILES), device=spec.device)
     views = parse_views(
         inference.views, test_size=detector.config.test_size, max_size=detector.config.max_size
     )
@@ -138,7 +148,7 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
         feature_cache_mb=inference.feature_cache_mb,
     )
     refs = _shard_refs(storage, spec)
-    logger.info(
+    context.logger.info(
         "multi-view inference: %d images (shard %d of %d) x %d views (%s)",
         len(refs),
         spec.shard[0] + 1,
@@ -147,9 +157,13 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
         inference.views,
     )
     engine = MultiViewEngine(detector, views, fusion)
-    result = run_to_jsonl(
-        engine, refs, storage.output(spec.out), batch_size=inference.batch_size, context=context
-    )
+    out = _stage_partial(storage, spec.out)
+    try:
+        result = run_to_jsonl(engine, refs, out, batch_size=inference.batch_size, context=context)
+    except Cancelled:
+        if not storage.is_local:
+            storage.commit(f"{spec.out}.partial")  # the lines so far: another worker resumes after them
+        raise
     storage.commit(spec.out)
     warnings = [f"skipped {path}: {reason}" for path, reason in result.skipped]
     if engine.recomputed_views:
@@ -165,6 +179,17 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
     )
 
 
+def _stage_partial(storage: Storage, key: str) -> Path:
+    """The local output path of a predictions stream, with the ``.partial`` lines of an interrupted run
+    (another worker's, on remote storage) in place to resume after."""
+    out = storage.output(key)
+    if not storage.is_local:
+        storage.output(f"{key}.partial")
+        if storage.exists(f"{key}.partial"):
+            storage.local(f"{key}.partial")
+    return out
+
+
 def _shard_refs(storage: Storage, spec: InferSpec) -> list[ImageRef]:
     if storage.is_local:
         refs = iter_image_refs(storage.path(spec.images), images_dir=_path_or_none(storage, spec.images_dir))
@@ -177,7 +202,7 @@ def _shard_refs(storage: Storage, spec: InferSpec) -> list[ImageRef]:
     local_json = storage.local(spec.images)
     images = load_coco(local_json).images
     names = [im["file_name"] for im in images[shard_slice(len(images), spec.shard)]]
-    folder = storage.local(spec.images_dir, members=names)
+    folder = storage.local(spec.images_dir, members=names)  # only this shard's images
     refs = iter_image_refs(local_json, images_dir=folder)
     return refs[shard_slice(len(refs), spec.shard)]
 
@@ -217,7 +242,10 @@ def pseudo_label(
     calibration = make_pseudo_labels(
         entries,
         unlabeled=storage.local(spec.unlabeled),
-        unlabeled_images_dir=_local_or_none(storage, spec.unlabeled_images),
+        # a json's images carry their sizes: on remote storage the folder is not needed (members=[])
+        unlabeled_images_dir=_local_or_none(
+            storage, spec.unlabeled_images, _no_members(storage, spec.unlabeled)
+        ),
         labeled_json=storage.local(spec.labeled),
         out=out,
         per_class=cal.per_class,
@@ -237,6 +265,10 @@ def pseudo_label(
         metrics=_calibration_metrics(record),
         warnings=list(calibration.warnings),
     )
+
+
+def _no_members(storage: Storage, source: str) -> list[str] | None:
+    return [] if not storage.is_local and source.endswith(".json") else None
 
 
 def _calibration_metrics(record: dict[str, Any]) -> dict[str, Any]:
@@ -289,8 +321,11 @@ def evaluate(spec: EvaluateSpec, storage: Storage = LOCAL, context: StepContext 
     if spec.images is not None:
         names = None if storage.is_local else [im["file_name"] for im in load_coco(truth).images]
         images = storage.local(spec.images, members=names)
+    elif not storage.is_local:
+        raise InputError(f"{spec.truth}: on remote storage an evaluation needs its images folder (images)")
+    model = storage.local(spec.model, members=MODEL_FILES)
     metrics = evaluate_model(
-        storage.local(spec.model),
+        model,
         truth,
         images,
         device=spec.device,
@@ -304,5 +339,5 @@ def evaluate(spec: EvaluateSpec, storage: Storage = LOCAL, context: StepContext 
         step="evaluate",
         artifacts=artifacts,
         metrics=metrics,
-        info={"model_sha256": file_sha256(Path(storage.local(spec.model)) / "weights.pt")},
+        info={"model_sha256": file_sha256(model / WEIGHTS_FILE)},
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -63,47 +64,68 @@ class Storage:
             return key
         if ".." in Path(key).parts:
             raise InputError(f"{key}: storage keys may not contain '..'")
-        return f"{self.root}/{key.lstrip('/')}" if self.root else key
+        if not self.is_local and key.startswith("/"):
+            raise InputError(
+                f"{key}: an absolute path is not a key of {self.url}; give keys relative to the storage root"
+            )
+        return f"{self.root}/{key}" if self.root else key
+
+    def describe(self, key: str | os.PathLike[str]) -> str:
+        """``key`` as a URL, for messages."""
+        return self.path(key) if self.is_local else self.fs.unstrip_protocol(self.path(key))
 
     def exists(self, key: str | os.PathLike[str]) -> bool:
         return bool(self.fs.exists(self.path(key)))
 
     def local(self, key: str | os.PathLike[str], *, members: list[str] | None = None) -> Path:
-        """A local path holding ``key`` (a file or a folder); remote ones are downloaded (cached by size).
+        """A local path holding ``key`` (a file or a folder); remote files are downloaded into the cache, and
+        downloaded again only when the remote file changed (its fsspec checksum: size, mtime or ETag).
 
-        ``members``: for a folder, only these relative file names are fetched (a shard's images).
+        ``members``: for a folder, only these relative file names are fetched (a shard's images); names the
+        folder lacks are left out (decoding then reports them missing, as it does for local files).
         """
         if self.is_local:
             return Path(self.path(key))
         remote = self.path(key)
         target = self._cache_path(key)
         if not self.fs.exists(remote):
-            raise InputError(f"{self.url}/{key}: not found in storage")
+            raise InputError(f"{self.describe(key)}: not found in storage")
         if self.fs.isdir(remote):
+            target.mkdir(parents=True, exist_ok=True)
             names = members if members is not None else _relative_files(self.fs, remote)
             for name in names:
-                self._fetch(f"{remote}/{name}", target / name)
+                if members is None or self.fs.exists(f"{remote}/{name}"):
+                    self._fetch(f"{remote}/{name}", target / name)
+                else:
+                    logger.warning("%s/%s: not in storage", self.describe(key), name)
         else:
             self._fetch(remote, target)
         return target
 
     def output(self, key: str | os.PathLike[str]) -> Path:
-        """The local path a step writes ``key`` to before :meth:`commit` (local storage: the path itself)."""
+        """A clean local path a step writes ``key`` to before :meth:`commit` (local storage: the path itself,
+        as it is; remote: an empty place in the cache, so that nothing stale is published or resumed)."""
         if self.is_local:
             return Path(self.path(key))
         path = self._cache_path(key)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+            _source_file(path).unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def commit(self, key: str | os.PathLike[str]) -> None:
-        """Publish what the step wrote at :meth:`output` (a no-op on local storage)."""
+        """Publish what the step wrote at :meth:`output` (a no-op on local storage); a folder's
+        :data:`COMMIT_LAST` files go last."""
         if self.is_local:
             return
         local = self._cache_path(key)
         remote = self.path(key)
         if local.is_dir():
             files = sorted(
-                (p for p in local.rglob("*") if p.is_file()),
+                (p for p in local.rglob("*") if p.is_file() and not _is_source_file(p)),
                 key=lambda p: (p.name in COMMIT_LAST, str(p)),
             )
             for file in files:
@@ -117,20 +139,36 @@ class Storage:
         return self.cache_dir / str(key).lstrip("/")
 
     def _fetch(self, remote: str, local: Path) -> None:
-        size = self.fs.size(remote)
-        if local.is_file() and local.stat().st_size == size:
+        token = str(self.fs.checksum(remote))
+        source = _source_file(local)
+        if local.is_file() and source.is_file() and source.read_text() == token:
             return
         local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(local.name + ".download")
-        self.fs.get_file(remote, str(partial))
-        os.replace(partial, local)
-        logger.debug("fetched %s (%d bytes)", remote, size)
+        fd, temp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".download")
+        os.close(fd)
+        try:
+            self.fs.get_file(remote, temp)
+            os.replace(temp, local)
+        finally:
+            Path(temp).unlink(missing_ok=True)
+        source.write_text(token)
+        logger.debug("fetched %s", remote)
 
     def _upload(self, local: Path, remote: str) -> None:
         parent = remote.rsplit("/", 1)[0]
         if parent and parent != remote:
             self.fs.makedirs(parent, exist_ok=True)
         self.fs.put_file(str(local), remote)
+        _source_file(local).write_text(str(self.fs.checksum(remote)))  # the cached copy is current
+
+
+def _source_file(local: Path) -> Path:
+    """Beside a cached file: the checksum of the remote file it is a copy of."""
+    return local.with_name(f".{local.name}.source")
+
+
+def _is_source_file(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".source")
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

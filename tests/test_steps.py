@@ -236,7 +236,8 @@ def test_steps_read_and_write_through_a_non_local_filesystem(
     )  # fmt: skip
     steps.infer(infer, storage)
     steps.infer(infer.model_copy(update={"shard": (1, 2), "out": "run/shard-1.jsonl"}), storage)
-    cached = sorted(p.name for p in (tmp_path / "cache" / "data" / "images" / "unlabeled").iterdir())
+    folder = tmp_path / "cache" / "data" / "images" / "unlabeled"
+    cached = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     assert len(cached) == 24  # the two shards' images, fetched one by one, no other split
     labeled = steps.pseudo_label(
         PseudoLabelSpec(

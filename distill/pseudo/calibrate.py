@@ -67,6 +67,12 @@ def select_threshold(scores: np.ndarray | Sequence[float], target: float) -> Sel
     )
 
 
+def agrees(prediction: dict[str, Any], min_agreement: float | None) -> bool:
+    """Whether a prediction was seen by enough views: ``agreement >= min_agreement`` (entries without the
+    field count as agreeing; no minimum admits everything)."""
+    return min_agreement is None or float(prediction.get("agreement", 1.0)) >= min_agreement
+
+
 def count_at(scores: np.ndarray, threshold: float) -> int:
     """How many scores are ``>= threshold``."""
     return int((np.asarray(scores) >= threshold).sum())
@@ -99,8 +105,8 @@ class Calibration:
         return self.class_thresholds.get(category_id, math.inf)
 
     def admits_agreement(self, prediction: dict[str, Any]) -> bool:
-        """Whether ``prediction`` passes ``min_agreement`` (entries without the field count as agreeing)."""
-        return self.min_agreement is None or float(prediction.get("agreement", 1.0)) >= self.min_agreement
+        """Whether ``prediction`` passes this calibration's ``min_agreement`` (see :func:`agrees`)."""
+        return agrees(prediction, self.min_agreement)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``inf`` thresholds become ``null``)."""
@@ -158,8 +164,7 @@ def calibrate(
         raise ValueError("a fixed threshold and per-class calibration exclude each other")
     image_ids = set(unlabeled_image_ids)
     on_images = [p for p in predictions if p["image_id"] in image_ids]
-    pool = [p for p in on_images if min_agreement is None or float(p.get("agreement", 1.0)) >= min_agreement]
-    # (build_pseudo_labels applies the same rule through Calibration.admits_agreement)
+    pool = [p for p in on_images if agrees(p, min_agreement)]
     scores = np.array([float(p["score"]) for p in pool], dtype=np.float64)
     cats = np.array([int(p["category_id"]) for p in pool], dtype=np.int64)
     category_ids = sorted(labeled.per_category)

@@ -18,6 +18,7 @@ Importing this module needs detectron2.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import time
@@ -45,6 +46,14 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.solver import build_lr_scheduler, build_optimizer
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+def _not_a_cancel(record: logging.LogRecord) -> bool:
+    """detectron2's trainer logs every exception out of a step as a crash; a cancel is not one."""
+    return not (record.exc_info and isinstance(record.exc_info[1], Cancelled))
+
+
+logging.getLogger("detectron2.engine.train_loop").addFilter(_not_a_cancel)
 
 
 def train_detectron2(

@@ -2,23 +2,29 @@
 
 Output is JSON lines, one per image, in the order of the image references::
 
-    {"path": ..., "image_id": 7, "height": 240, "width": 320, "instances": [{COCO result + "agreement"}, ...]}
-    {"path": ..., "image_id": 8, "error": "cannot identify image file"}          # undecodable: reported
+    {"path": ..., "file_name": ..., "image_id": 7, "height": 240, "width": 320, "instances": [{COCO result +
+     "agreement"}, ...]}
+    {"path": ..., "file_name": ..., "image_id": 8, "error": "cannot identify image file"}   # undecodable
 
 Lines go to ``OUT.partial`` (flushed and fsync'ed per batch); when every image is done the file is renamed to
 ``OUT``. Running again over the same references resumes after the last complete line (a torn last line is
-dropped), and does nothing when ``OUT`` already exists — so a redelivered shard overwrites, never duplicates.
+dropped; images are matched by id and file name, so another machine's partial lines count too), and does
+nothing when ``OUT`` already exists — so a redelivered shard overwrites, never duplicates. ``OUT.lock`` keeps
+a second process off a stream that one is writing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.data.images import ImageRef, decode_images
+from distill.errors import DistillError
 from distill.export import detections_to_coco
 from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_text_atomic
@@ -32,7 +38,6 @@ class StreamResult:
     images_done: int
     images_total: int
     skipped: list[tuple[str, str]]  # (path, reason)
-    complete: bool  # always true on return: an interrupted run raises instead
 
 
 def partial_path(out: Path) -> Path:
@@ -55,12 +60,37 @@ def run_to_jsonl(
     out = Path(out)
     if out.exists():
         lines = _read_lines(out)
-        return StreamResult(out, len(lines), len(refs), _skipped(lines), True)
+        return StreamResult(out, len(lines), len(refs), _skipped(lines))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run(engine, refs, out, batch_size, context)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``OUT.lock``: a second process on the same stream (a redelivered task while the first still
+    runs) would rewrite the ``.partial`` the first appends to, and publish a short file."""
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DistillError(f"{out}: another process is writing this predictions stream") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run(
+    engine: MultiViewEngine, refs: Sequence[ImageRef], out: Path, batch_size: int, context: StepContext
+) -> StreamResult:
     partial = partial_path(out)
     done_lines = _read_lines(partial) if partial.exists() else []
     write_text_atomic(partial, "".join(json.dumps(line) + "\n" for line in done_lines))  # drops a torn line
-    done = {line["path"] for line in done_lines}
-    todo = [r for r in refs if r.path not in done]
+    # an image is done when a line names it: by (image id, file name), which another machine's copy of the
+    # same shard agrees on, or by path for lines of older versions
+    done = {_line_key(line) for line in done_lines}
+    todo = [r for r in refs if (r.image_id, r.file_name) not in done and r.path not in done]
     count = len(refs) - len(todo)
     with open(partial, "a") as handle:
         for start in range(0, len(todo), batch_size):
@@ -71,15 +101,27 @@ def run_to_jsonl(
             os.fsync(handle.fileno())
             count += len(lines)
             context.report("infer", count, len(refs))
+    lines = _read_lines(partial)
+    if len(lines) != len(refs):
+        raise DistillError(f"{partial}: {len(lines)} lines for {len(refs)} images; delete it and run again")
     os.replace(partial, out)
-    return StreamResult(out, count, len(refs), _skipped(_read_lines(out)), True)
+    return StreamResult(out, count, len(refs), _skipped(lines))
+
+
+def _line_key(line: dict) -> tuple[int | None, str] | str:
+    return (line.get("image_id"), line["file_name"]) if "file_name" in line else line["path"]
 
 
 def _process(engine: MultiViewEngine, refs: Sequence[ImageRef]) -> list[dict]:
     decoded, lines = [], {}
     for ref, image, error in decode_images(refs):
         if image is None:
-            lines[ref.path] = {"path": ref.path, "image_id": ref.image_id, "error": error or "unreadable"}
+            lines[ref.path] = {
+                "path": ref.path,
+                "file_name": ref.file_name,
+                "image_id": ref.image_id,
+                "error": error or "unreadable",
+            }
         else:
             decoded.append((ref, image_to_tensor(image)))
     if decoded:
@@ -97,6 +139,7 @@ def _process(engine: MultiViewEngine, refs: Sequence[ImageRef]) -> list[dict]:
                 instance["agreement"] = round(agree, 4)
             lines[ref.path] = {
                 "path": ref.path,
+                "file_name": ref.file_name,
                 "image_id": ref.image_id,
                 "height": height,
                 "width": width,
