@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/distill demo --out $(DEMO_DIR)
 
 test: $(STAMP)
+	bash tools/system_deps.sh
 	$(BIN)/ruff check distill workers service tests bench
 	$(BIN)/ruff format --check distill workers service tests bench
 	$(BIN)/python -m pytest

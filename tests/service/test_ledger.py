@@ -1,0 +1,162 @@
+"""The job ledger on a real SQLite file (WAL) and a real PostgreSQL, migrated by Alembic: compare-and-set
+claims, leases that expire, exactly one finaliser per job even when the last shards complete at the same
+moment in different processes, and the sweep that leaves nothing "running" after a crash."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+from sqlalchemy import inspect, select
+
+from service import ledger
+from service.db import make_engine, session_factory, transaction, upgrade
+from service.models import Job, Shard
+
+LEASE = 60.0
+
+
+@pytest.fixture
+def sessions(db_url: str):
+    engine = make_engine(db_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def new_job(sessions, shards: int = 3) -> int:
+    with transaction(sessions) as session:
+        return ledger.create_job(session, type="distill", spec={"views": "1x"}, shard_images=[4] * shards).id
+
+
+def claim(sessions, job_id: int, index: int, owner: str, now: float = 1000.0, max_attempts: int = 3):
+    with transaction(sessions) as session:
+        return ledger.claim_shard(
+            session, job_id=job_id, index=index, owner=owner, now=now, lease_seconds=LEASE,
+            max_attempts=max_attempts,
+        )  # fmt: skip
+
+
+def test_migrations_create_the_schema_and_are_idempotent(db_url: str) -> None:
+    upgrade(db_url)  # again: nothing to do
+    engine = make_engine(db_url)
+    names = set(inspect(engine).get_table_names())
+    assert {"jobs", "shards", "api_tokens", "alembic_version"} <= names
+    if db_url.startswith("sqlite"):
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
+
+
+def test_a_shard_is_leased_to_one_owner_until_its_lease_expires(sessions) -> None:
+    job_id = new_job(sessions)
+    first = claim(sessions, job_id, 0, "worker-a")
+    assert first is not None and first.attempt == 1 and first.expires == 1000.0 + LEASE
+    assert claim(sessions, job_id, 0, "worker-b", now=1010.0) is None  # still a's
+    with transaction(sessions) as session:
+        assert ledger.heartbeat(session, lease=first, now=1050.0, lease_seconds=LEASE)  # a renews to 1110
+        assert session.get(Job, job_id).state == "running"
+    assert claim(sessions, job_id, 0, "worker-b", now=1100.0) is None
+    second = claim(sessions, job_id, 0, "worker-b", now=1111.0)  # a went silent: b takes over
+    assert second is not None and second.attempt == 2
+    with transaction(sessions) as session:
+        assert not ledger.heartbeat(session, lease=first, now=1112.0, lease_seconds=LEASE)  # a must stop
+        assert not ledger.complete_shard(session, lease=first, output_key="late")  # and changes nothing
+        shard = session.scalar(select(Shard).where(Shard.job_id == job_id, Shard.index == 0))
+        assert shard.state == "running" and shard.lease_owner == "worker-b" and shard.output_key is None
+    third = claim(sessions, job_id, 0, "worker-c", now=1200.0)
+    assert third is not None and third.attempt == 3
+    assert claim(sessions, job_id, 0, "worker-d", now=1300.0) is None  # out of attempts
+
+
+def test_the_last_shard_to_complete_claims_finalisation_once(sessions) -> None:
+    job_id = new_job(sessions, shards=2)
+    leases = [claim(sessions, job_id, i, f"w{i}") for i in range(2)]
+    with transaction(sessions) as session:
+        assert not ledger.complete_shard(session, lease=leases[1], output_key="job/1")
+    with transaction(sessions) as session:
+        assert ledger.complete_shard(session, lease=leases[0], output_key="job/0")
+    with transaction(sessions) as session:
+        assert not ledger.complete_shard(session, lease=leases[0], output_key="job/0")  # a redelivery
+        job = session.get(Job, job_id)
+        assert job.finalize_claimed and job.stage == "finalize"
+        assert [s.output_key for s in job.shards] == ["job/0", "job/1"]
+
+
+def _complete_at_once(db_url: str, job_id: int, index: int, barrier, results) -> None:
+    engine = make_engine(db_url)
+    sessions = session_factory(engine)
+    lease = claim(sessions, job_id, index, f"proc-{index}")
+    barrier.wait()
+    with transaction(sessions) as session:
+        results.put((index, ledger.complete_shard(session, lease=lease, output_key=f"k{index}")))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_shards_completing_together_in_separate_processes_finalise_exactly_once(
+    db_url: str, sessions, round_: int
+) -> None:
+    shards = 6
+    job_id = new_job(sessions, shards=shards)
+    context = mp.get_context("spawn")
+    barrier, results = context.Barrier(shards), context.Queue()
+    procs = [
+        context.Process(target=_complete_at_once, args=(db_url, job_id, i, barrier, results))
+        for i in range(shards)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    answers = dict(results.get(timeout=10) for _ in range(shards))
+    assert sorted(answers) == list(range(shards))
+    assert sum(answers.values()) == 1, answers
+
+
+def test_the_sweep_requeues_expired_work_and_fails_what_ran_out_of_attempts(sessions) -> None:
+    job_id = new_job(sessions, shards=2)
+    other = new_job(sessions, shards=1)
+    claim(sessions, job_id, 0, "crashed", now=1000.0, max_attempts=2)
+    claim(sessions, job_id, 1, "alive", now=1000.0, max_attempts=2)
+    with transaction(sessions) as session:
+        again = ledger.sweep(session, now=1030.0, max_attempts=2)  # nothing expired yet
+    assert again == [(other, 0)]  # the never-started job's shard is (re)enqueued
+    with transaction(sessions) as session:
+        again = ledger.sweep(session, now=1061.0, max_attempts=2)
+    assert again == [(job_id, 0), (job_id, 1), (other, 0)]
+    claim(sessions, job_id, 0, "crashed-again", now=1100.0, max_attempts=2)
+    with transaction(sessions) as session:
+        ledger.sweep(session, now=1200.0, max_attempts=2)
+        job = session.get(Job, job_id)
+        assert job.state == "failed" and "stopped answering 2 times" in job.error and job.finished_at
+
+
+def test_a_cancelled_job_leases_nothing_and_tells_its_workers_to_stop(sessions) -> None:
+    job_id = new_job(sessions)
+    lease = claim(sessions, job_id, 0, "w")
+    with transaction(sessions) as session:
+        assert ledger.request_cancel(session, job_id=job_id)
+    assert claim(sessions, job_id, 1, "w2") is None
+    with transaction(sessions) as session:
+        assert not ledger.heartbeat(session, lease=lease, now=1001.0, lease_seconds=LEASE)
+        assert ledger.finish_job(session, job_id=job_id, state="cancelled")
+        assert not ledger.finish_job(session, job_id=job_id, state="failed", error="late")  # first wins
+        assert session.get(Job, job_id).state == "cancelled"
+        assert not ledger.request_cancel(session, job_id=job_id)
+    queued = new_job(sessions)
+    with transaction(sessions) as session:
+        assert ledger.request_cancel(session, job_id=queued)
+        assert session.get(Job, queued).state == "cancelled"
+
+
+def test_a_shard_that_keeps_failing_fails_its_job_with_the_error(sessions) -> None:
+    job_id = new_job(sessions, shards=1)
+    for attempt in (1, 2):
+        lease = claim(sessions, job_id, 0, f"w{attempt}", max_attempts=2)
+        with transaction(sessions) as session:
+            outcome = ledger.fail_shard(session, lease=lease, error="CUDA out of memory", max_attempts=2)
+        assert outcome == ("requeued" if attempt == 1 else "failed")
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        assert job.state == "failed" and job.error == "shard 0 failed 2 times; last error: CUDA out of memory"
