@@ -1,0 +1,57 @@
+"""API tokens: random bearer secrets, stored only as their SHA-256, each with a scope.
+
+Scopes are ordered — ``read`` < ``write`` < ``admin`` — and a token allows what its scope and the scopes
+below it allow. The plaintext is shown once, when the token is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.models import ApiToken
+
+SCOPES = ("read", "write", "admin")
+PREFIX = "dst_"
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(session: Session, *, scope: str, name: str = "") -> str:
+    """A new token of ``scope``; returns its plaintext (the database keeps only the hash)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r}: expected one of {', '.join(SCOPES)}")
+    token = PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(name=name, token_sha256=_digest(token), scope=scope))
+    session.flush()
+    return token
+
+
+def authenticate(session: Session, token: str) -> ApiToken | None:
+    """The live token row of a presented bearer token, or None (unknown, malformed or revoked)."""
+    if not token.startswith(PREFIX) or len(token) > 256:
+        return None
+    digest = _digest(token)
+    row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == digest))
+    if row is None or row.revoked or not hmac.compare_digest(row.token_sha256, digest):
+        return None
+    return row
+
+
+def allows(granted: str, required: str) -> bool:
+    """Whether a token of scope ``granted`` may do what needs ``required``."""
+    return SCOPES.index(granted) >= SCOPES.index(required)
+
+
+def revoke(session: Session, token_id: int) -> bool:
+    row = session.get(ApiToken, token_id)
+    if row is None or row.revoked:
+        return False
+    row.revoked = True
+    return True
