@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,6 +18,14 @@ from service.models import ApiToken
 
 SCOPES = ("read", "write", "admin")
 PREFIX = "dst_"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """What a request keeps of its token after the session that read it has closed."""
+
+    id: int
+    scope: str
 
 
 def _digest(token: str) -> str:

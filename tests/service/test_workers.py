@@ -84,7 +84,7 @@ class Stack:
         shutil.copytree(model, self.root / "models" / "teacher")
         self.database = f"sqlite:///{tmp_path / 'distill.db'}"
         upgrade(self.database)
-        env = {
+        self.env = env = {
             **os.environ,
             "DISTILL_DATABASE_URL": self.database,
             "DISTILL_STORAGE_URL": str(self.root),

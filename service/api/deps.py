@@ -1,0 +1,73 @@
+"""What routes depend on: the app's runtime (settings, sessions, storage, the Celery app) and the caller's
+token, as ``Annotated`` aliases so a route's signature shows what it needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from distill.storage import Storage
+from service import auth
+from service.config import Settings
+from service.db import transaction
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    storage: Storage
+    enqueue: Callable[[str, list[Any]], None]  # (task name, args)
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    with transaction(runtime.sessions) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require(scope: str) -> Callable[..., str]:
+    """A dependency admitting tokens of ``scope`` or above: 401 without a valid token, 403 below the scope."""
+
+    def check(
+        runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    ) -> str:
+        token = None
+        if credentials is not None:
+            # its own short transaction: the route's session (if any) must not wait on this one's lock
+            with transaction(runtime.sessions) as session:
+                token = auth.authenticate(session, credentials.credentials)
+                token = None if token is None else auth.TokenInfo(token.id, token.scope)
+        if token is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "a valid API token is needed: Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not auth.allows(token.scope, scope):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"this needs a {scope} token (yours: {token.scope})"
+            )
+        return token.scope
+
+    return check
+
+
+Read = Depends(require("read"))
+Write = Depends(require("write"))
