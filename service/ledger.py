@@ -113,16 +113,23 @@ def claim_shard(
     return Lease(job_id, index, owner, expires, int(attempt or 0))
 
 
+def _owned(lease: Lease) -> tuple:
+    """The conditions under which ``lease`` still holds: its shard is running, under this owner."""
+    return (
+        Shard.job_id == lease.job_id,
+        Shard.index == lease.index,
+        Shard.state == "running",
+        Shard.lease_owner == lease.owner,
+    )
+
+
 def heartbeat(session: Session, *, lease: Lease, now: float, lease_seconds: float) -> bool:
     """Extend ``lease``; ``False`` when the worker must stop: the lease is no longer its own (it expired and
     another worker took the shard) or the job was cancelled or finished."""
     result = session.execute(
         update(Shard)
         .where(
-            Shard.job_id == lease.job_id,
-            Shard.index == lease.index,
-            Shard.state == "running",
-            Shard.lease_owner == lease.owner,
+            *_owned(lease),
             _job_open(lease.job_id),
         )
         .values(lease_expires=now + lease_seconds, heartbeat_at=now)
@@ -143,10 +150,7 @@ def complete_shard(session: Session, *, lease: Lease, output_key: str) -> bool:
     done = session.execute(
         update(Shard)
         .where(
-            Shard.job_id == lease.job_id,
-            Shard.index == lease.index,
-            Shard.state == "running",
-            Shard.lease_owner == lease.owner,
+            *_owned(lease),
         )
         .values(state="done", output_key=output_key, lease_owner=None, lease_expires=None)
         .execution_options(synchronize_session=False)
@@ -168,10 +172,7 @@ def fail_shard(session: Session, *, lease: Lease, error: str, max_attempts: int)
     with the shard's error); ``"lost"`` when the lease was no longer this owner's."""
     shard = session.scalar(
         select(Shard).where(
-            Shard.job_id == lease.job_id,
-            Shard.index == lease.index,
-            Shard.state == "running",
-            Shard.lease_owner == lease.owner,
+            *_owned(lease),
         )
     )
     if shard is None:
