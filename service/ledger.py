@@ -160,7 +160,13 @@ def complete_shard(session: Session, *, lease: Lease, output_key: str) -> bool:
     unfinished = exists().where(Shard.job_id == lease.job_id, Shard.state != "done")
     claimed = session.execute(
         update(Job)
-        .where(Job.id == lease.job_id, Job.finalize_claimed.is_(False), Job.state.in_(ACTIVE), ~unfinished)
+        .where(
+            Job.id == lease.job_id,
+            Job.finalize_claimed.is_(False),
+            Job.state.in_(ACTIVE),
+            Job.cancel_requested.is_(False),
+            ~unfinished,
+        )
         .values(finalize_claimed=True, stage="finalize")
         .execution_options(synchronize_session=False)
     )

@@ -87,6 +87,7 @@ def infer_shard(self, job_id: int, index: int) -> None:
     if lease is None or spec is None:
         # done, cancelled, gone, or expired with no attempts left (the sweep fails that job)
         logger.info("shard %d of job %d is not ours to run", index, job_id)
+        _end_if_cancelled(sessions, job_id)
         return
     out = f"jobs/{job_id}/shards/{index:05d}.jsonl"
     infer = InferSpec.model_validate({**spec["infer"], "out": out, "shard": (index, count)})
@@ -95,16 +96,29 @@ def infer_shard(self, job_id: int, index: int) -> None:
         steps.infer(infer, storage, context)
     except Cancelled:
         logger.info("shard %d of job %d stopped: cancelled or lease lost", index, job_id)
+        _end_if_cancelled(sessions, job_id)
         return
-    except DistillError as exc:
+    except Exception as exc:  # recorded in the ledger; the job fails only when the attempts run out
+        logger.exception("shard %d of job %d failed", index, job_id)
+        error = str(exc) if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}"
         with transaction(sessions) as session:
-            ledger.fail_shard(session, lease=lease, error=str(exc), max_attempts=settings.max_attempts)
+            outcome = ledger.fail_shard(session, lease=lease, error=error, max_attempts=settings.max_attempts)
+        if outcome == "requeued":
+            infer_shard.apply_async((job_id, index), countdown=2.0)
         return
     with transaction(sessions) as session:
         last = ledger.complete_shard(session, lease=lease, output_key=out)
         _add_progress(session, job_id)
     if last:  # this commit completed the job's last shard: enqueue the finalisation, once
         finalize.delay(job_id)
+
+
+def _end_if_cancelled(sessions, job_id: int) -> None:
+    """A cancel request ends the job once its work stops: the worker that sees it records ``cancelled``."""
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.cancel_requested:
+            ledger.finish_job(session, job_id=job_id, state="cancelled")
 
 
 def _held_until(session, job_id: int, index: int) -> float | None:

@@ -204,3 +204,25 @@ def test_a_worker_killed_mid_shard_loses_no_image_and_labels_none_twice(
     assert [line["image_id"] for line in lines] == [im["id"] for im in unlabeled]
     pseudo = json.loads((stack.root / f"jobs/{job_id}/pseudo.json").read_text())
     assert sorted(im["id"] for im in pseudo["images"]) == sorted(im["id"] for im in unlabeled)
+
+
+@pytest.mark.slow
+def test_a_cancel_stops_the_running_shard_and_ends_the_job_cancelled(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, redis_url: str
+) -> None:
+    from service import ledger
+
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=8)
+    try:
+        job_id = stack.submit(shard_size=6)  # 4 shards, one worker
+        stack.wait(job_id, lambda job: any(s.state == "running" for s in job.shards))
+        with transaction(stack.sessions) as session:
+            assert ledger.request_cancel(session, job_id=job_id)
+        job = stack.wait(job_id, finished, timeout=120)
+        assert job.state == "cancelled" and job.finished_at is not None
+        with transaction(stack.sessions) as session:
+            states = [s.state for s in session.get(Job, job_id).shards]
+        assert "queued" in states and states.count("done") < 4  # the rest never ran
+        assert not (stack.root / f"jobs/{job_id}/pseudo.json").exists()
+    finally:
+        stack.close()
