@@ -499,10 +499,29 @@ def _setup_logging() -> None:
     root.propagate = False
 
 
+def load_plugins(target: typer.Typer = app) -> None:
+    """Add the commands other installed packages offer (the service's ``up`` and ``token``): each entry point
+    of the group ``distill.cli`` names a ``typer.Typer`` (added as the command group of the entry point's
+    name) or a function that registers its commands on ``target``. One that fails to load is reported on
+    stderr and skipped."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="distill.cli"):
+        try:
+            found = entry.load()
+            if isinstance(found, typer.Typer):
+                target.add_typer(found, name=entry.name)
+            else:
+                found(target)
+        except Exception as exc:  # a broken plugin must not take the library's commands down with it
+            _err(f"the commands of {entry.value} are unavailable: {type(exc).__name__}: {exc}")
+
+
 def main() -> None:
     """Console entry point: distill's errors exit 2 (bad input) or 1 (training), a cancel 130; usage errors
     exit 2."""
     _setup_logging()
+    load_plugins()
     try:
         app()  # standalone mode: usage errors print and exit 2, success exits 0
     except Cancelled as exc:

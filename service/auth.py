@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from service.models import ApiToken
 
 SCOPES = ("read", "write", "admin")
 PREFIX = "dst_"
+_URLSAFE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,31 @@ def revoke(session: Session, token_id: int) -> bool:
         return False
     row.revoked = True
     return True
+
+
+def register_token(session: Session, token: str, *, scope: str, name: str = "") -> bool:
+    """Store a token whose plaintext the caller chose (``DISTILL_ADMIN_TOKEN``); True when it was not stored
+    yet. ValueError for a malformed one (``dst_`` + at least 32 URL-safe characters), or one stored already
+    with another scope or revoked."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r}: expected one of {', '.join(SCOPES)}")
+    body = token.removeprefix(PREFIX)
+    if not token.startswith(PREFIX) or len(body) < 32 or len(token) > 256 or not _URLSAFE.fullmatch(body):
+        raise ValueError(f"a token is {PREFIX!r} followed by 32 to 252 characters of A-Z a-z 0-9 - _")
+    row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == _digest(token)))
+    if row is None:
+        session.add(ApiToken(name=name, token_sha256=_digest(token), scope=scope))
+        session.flush()
+        return True
+    if row.revoked:
+        raise ValueError(f"that token (id {row.id}) was revoked")
+    if row.scope != scope:
+        raise ValueError(
+            f"that token (id {row.id}) is stored already with scope {row.scope!r}, not {scope!r}"
+        )
+    return False
+
+
+def list_tokens(session: Session) -> list[ApiToken]:
+    """Every stored token, oldest first (hashes only: no plaintext is kept)."""
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
