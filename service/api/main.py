@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from distill.storage import Storage
 from service import ledger
+from service.api.datasets import router as datasets_router
 from service.api.deps import Read, Runtime, RuntimeDep
 from service.api.routes import router as jobs_router
 from service.config import Settings
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
         return checks
 
     app.include_router(jobs_router)
+    app.include_router(datasets_router)
     return app
 
 
