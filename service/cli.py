@@ -136,6 +136,9 @@ def token_revoke(
 
 
 def register(app: typer.Typer) -> None:
-    """The ``distill.cli`` entry point: add ``up`` and ``token`` to the ``distill`` command."""
+    """The ``distill.cli`` entry point: add ``up``, ``token`` and ``remote`` to the ``distill`` command."""
+    from service.remote_cli import app as remote_app  # typer and the standard library only
+
     app.command("up")(up)
     app.add_typer(token_app, name="token")
+    app.add_typer(remote_app, name="remote")
