@@ -53,6 +53,7 @@ from distill.specs import (
     TrainSpec,
     _Strict,
 )
+from distill.storage import Storage
 from distill.train.loop import TrainConfig
 from distill.tta.views import parse_views
 
@@ -171,25 +172,33 @@ def decide_promotion(
 
 
 # -- the specs of a round's steps (what a worker runs; run_pipeline runs the same ones) ---------------------
-def teacher_iterations(config: PipelineConfig) -> int:
+def teacher_iterations(config: PipelineConfig, storage: Storage = steps.LOCAL) -> int:
     """The teacher's schedule length: ``teacher.iterations``, else the given teacher model's own (its
     training record, or a detectron2 config's ``SOLVER.MAX_ITER``), else the teacher recipe's."""
     if config.teacher.iterations is not None:
         return config.teacher.iterations
     if config.teacher.model is not None:
-        backend = get_backend(model_backend(config.teacher.model), require_available=False)
-        trained = backend.default_iterations(config.teacher.model)
+        model = _model_dir(storage, str(config.teacher.model))
+        backend = get_backend(model_backend(model), require_available=False)
+        trained = backend.default_iterations(model)
         if trained:
             return trained
     return TrainConfig.model_validate(load_recipe(config.teacher.recipe)["train"]).iterations
 
 
-def student_iterations(config: PipelineConfig) -> int:
+def student_iterations(config: PipelineConfig, storage: Storage = steps.LOCAL) -> int:
     spec = config.student
-    return spec.iterations or max(1, round(spec.schedule_factor * teacher_iterations(config)))
+    return spec.iterations or max(1, round(spec.schedule_factor * teacher_iterations(config, storage)))
 
 
-def teacher_train_spec(config: PipelineConfig, out: str, *, device: str = "cpu") -> TrainSpec:
+def _model_dir(storage: Storage, key: str) -> Path:
+    """The local copy of a model directory's loading files (the directory itself on local storage)."""
+    return storage.local(key, members=steps.MODEL_FILES)
+
+
+def teacher_train_spec(
+    config: PipelineConfig, out: str, *, device: str = "cpu", storage: Storage = steps.LOCAL
+) -> TrainSpec:
     """Train the round's teacher from the labeled split (when the config gives no teacher model)."""
     data = config.data
     return TrainSpec(
@@ -198,7 +207,7 @@ def teacher_train_spec(config: PipelineConfig, out: str, *, device: str = "cpu")
         labeled_images=str(data.labeled_images),
         config=config.teacher.recipe,
         init=config.teacher.init,
-        iterations=teacher_iterations(config),
+        iterations=teacher_iterations(config, storage),
         seed=config.seed,
         device=device,
     )
@@ -221,7 +230,7 @@ def infer_spec(
 
 
 def pseudo_label_spec(
-    config: PipelineConfig, teacher: str, predictions: list[str], out: str
+    config: PipelineConfig, teacher: str, predictions: list[str], out: str, *, storage: Storage = steps.LOCAL
 ) -> PseudoLabelSpec:
     """Calibrate on every shard's predictions and write the pseudo-label file ``out``."""
     data = config.data
@@ -234,14 +243,20 @@ def pseudo_label_spec(
         calibration=config.calibration,
         provenance={
             "teacher": teacher,
-            "teacher_sha256": file_sha256(Path(teacher) / WEIGHTS_FILE),
-            "views": views_record(config, teacher),
+            "teacher_sha256": file_sha256(_model_dir(storage, teacher) / WEIGHTS_FILE),
+            "views": views_record(config, teacher, storage),
         },
     )
 
 
 def student_train_spec(
-    config: PipelineConfig, teacher: str, pseudo: str, out: str, *, device: str = "cpu"
+    config: PipelineConfig,
+    teacher: str,
+    pseudo: str,
+    out: str,
+    *,
+    device: str = "cpu",
+    storage: Storage = steps.LOCAL,
 ) -> TrainSpec:
     """The student: the teacher's backend, labeled + pseudo-labels at ``student.ratio``, re-initialised."""
     data, spec = config.data, config.student
@@ -253,11 +268,12 @@ def student_train_spec(
         "pseudo_images": str(data.unlabeled_images or _images_root(data.unlabeled)),
         "ratio": spec.ratio,
         "init": teacher if spec.init == "teacher" else spec.init,
-        "iterations": student_iterations(config),
+        "iterations": student_iterations(config, storage),
         "seed": config.seed,
         "device": device,
     }
-    if model_backend(teacher) == "detectron2":  # the teacher's architecture, re-initialised
+    # a detectron2 teacher: its architecture, re-initialised
+    if model_backend(_model_dir(storage, teacher)) == "detectron2":
         return TrainSpec(backend="detectron2", architecture_from=teacher, **common)
     recipe = spec.recipe if spec.recipe is not None else config.teacher.recipe
     return TrainSpec(backend="torchvision", config=recipe, **common)
@@ -407,9 +423,9 @@ def _promotion(
     }
 
 
-def views_record(config: PipelineConfig, teacher: str) -> dict[str, Any]:
+def views_record(config: PipelineConfig, teacher: str, storage: Storage = steps.LOCAL) -> dict[str, Any]:
     """The view set the teacher runs (its sizes resolved against its test view) and the fusion settings."""
-    model = load_model_config(Path(teacher) / CONFIG_FILE)
+    model = load_model_config(_model_dir(storage, teacher) / CONFIG_FILE)
     views = parse_views(config.inference.views, test_size=model.test_size, max_size=model.max_size)
     return {**views.to_dict(), "fusion": config.inference.model_dump(mode="json")}
 

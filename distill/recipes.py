@@ -54,6 +54,33 @@ RECIPES: dict[str, dict[str, Any]] = {
             "checkpoint_period": 100,
         },
     },
+    # A model that trains in seconds on the ``tiny`` benchmark (160 px): smoke runs and the service tests.
+    "tiny": {
+        "model": {
+            "backbone": "resnet18",
+            "masks": True,
+            "fpn_channels": 32,
+            "anchor_sizes": [16, 32, 64, 128, 256],
+            "test_size": 160,
+            "max_size": 320,
+            "train_sizes": [144, 160],
+            "box_head_dim": 64,
+            "mask_head_layers": [16],
+            "keypoint_head_layers": [32, 32],
+            "box_batch_size_per_image": 32,
+            "rpn_pre_nms_top_n_train": 300,
+            "rpn_post_nms_top_n_train": 100,
+            "rpn_pre_nms_top_n_test": 300,
+            "rpn_post_nms_top_n_test": 100,
+        },
+        "train": {
+            "iterations": 60,
+            "batch_size": 4,
+            "base_lr": 0.02,
+            "warmup_iters": 10,
+            "checkpoint_period": 20,
+        },
+    },
     # torchvision's COCO defaults (ResNet-50 FPN, 800 px): for real data, usually with --init imagenet/PATH.
     "coco": {
         "model": {"backbone": "resnet50", "norm": "frozen_bn"},

@@ -133,8 +133,10 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
     """Fused multi-view predictions of one shard of images as JSON lines (see :mod:`distill.tta.stream`)."""
     artifacts = {"predictions": spec.out}
     if storage.exists(spec.out):
-        lines = storage.local(spec.out).read_text().splitlines()
-        return StepResult(step="infer", artifacts=artifacts, reused=True, info={"images": len(lines)})
+        lines = [json.loads(text) for text in storage.local(spec.out).read_text().splitlines()]
+        skipped = [_skip(ln.get("file_name") or ln["path"], ln["error"]) for ln in lines if "error" in ln]
+        info = {"images": len(lines), "skipped": len(skipped), "skipped_images": skipped}
+        return StepResult(step="infer", artifacts=artifacts, reused=True, info=info)
     inference = spec.inference
     detector = load_model(storage.local(spec.model, members=MODEL_FILES), device=spec.device)
     views = parse_views(
@@ -171,12 +173,22 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
             f"the backbone features of {engine.recomputed_views} of {len(views)} views did not fit the "
             "feature cache and were recomputed for the heads (raise feature_cache_mb, or lower batch_size)"
         )
+    names = {str(ref.path): ref.file_name for ref in refs}
     return StepResult(
         step="infer",
         artifacts=artifacts,
         warnings=warnings,
-        info={"images": result.images_done, "views": views.to_dict(), "skipped": len(result.skipped)},
+        info={
+            "images": result.images_done,
+            "views": views.to_dict(),
+            "skipped": len(result.skipped),
+            "skipped_images": [_skip(names.get(str(p), str(p)), why) for p, why in result.skipped],
+        },
     )
+
+
+def _skip(name: str, reason: str) -> dict[str, str]:
+    return {"name": name, "reason": reason}
 
 
 def _stage_partial(storage: Storage, key: str) -> Path:

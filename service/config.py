@@ -6,7 +6,13 @@
     DISTILL_DATABASE_URL=postgresql+psycopg://… default: SQLite (WAL) at DATA_DIR/distill.db
     DISTILL_STORAGE_URL=s3://bucket/distill     default: the folder DATA_DIR/storage (any fsspec URL)
     DISTILL_LEASE_SECONDS=600                   a shard's lease; a worker's heartbeat renews it
-    DISTILL_MAX_ATTEMPTS=3                      deliveries of one shard before the job fails
+    DISTILL_MAX_ATTEMPTS=3                      deliveries of one unit of work before the job fails
+    DISTILL_SHARD_SIZE=64                       unlabeled images per inference shard (one task each)
+    DISTILL_ERROR_BUDGET=0.05                   unreadable unlabeled images a job tolerates (fraction)
+    DISTILL_DEVICE=auto                         the workers' torch device: auto (CUDA when there), cpu, cuda:N
+    DISTILL_SWEEP_SECONDS=60                    how often the API sweeps the ledger for expired leases
+    DISTILL_VISIBILITY_TIMEOUT=21600            Redis redelivers an unacknowledged task after this (s)
+    DISTILL_TASK_TIME_LIMIT=                    hard limit of one unit of work (s); default none
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(600.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     shard_size: int = Field(64, ge=1)
+    error_budget: float = Field(0.05, ge=0, le=1)
+    device: str = "auto"
+    sweep_seconds: float = Field(60.0, gt=0)
+    visibility_timeout: float = Field(6 * 3600.0, gt=0)
+    task_time_limit: float | None = Field(None, gt=0)
 
     @property
     def database(self) -> str:

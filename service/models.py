@@ -1,9 +1,12 @@
 """The service's tables (SQLAlchemy 2 declarative). Changing them needs a migration in ``migrations/``.
 
 - ``jobs``: one row per job (type, state, stage, progress, the spec it runs, outcome);
-- ``shards``: one row per inference shard of a job — the ledger the workers claim work from (state, attempts,
-  lease owner and expiry, heartbeat, output key);
-- ``api_tokens``: hashed bearer tokens with a scope.
+- ``shards``: one row per unit of work of a job — a stage (``teacher``, ``infer``, ``pseudo_label``, …) has
+  one or more units (inference: one per shard of images); the ledger the workers claim work from (state,
+  attempts, lease owner and expiry, heartbeat, output key);
+- ``api_tokens``: hashed bearer tokens with a scope;
+- ``datasets`` / ``images``: uploaded image sets (labeled, unlabeled, eval), one image row per stored file;
+- ``models``: registered models, uploaded or made by jobs, with their lineage.
 """
 
 from __future__ import annotations
@@ -36,31 +39,38 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
     progress_done: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    plan: Mapped[list[Any]] = mapped_column(default=list)  # stage names in order; ``stage``: the current
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    finalize_claimed: Mapped[bool] = mapped_column(Boolean, default=False)  # set once, by the last shard
     warnings: Mapped[list[Any]] = mapped_column(default=list)
+    skipped: Mapped[list[Any]] = mapped_column(default=list)  # [{name, reason}] images a step could not use
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_by: Mapped[int | None] = mapped_column(Integer, default=None)  # api_tokens.id
 
-    shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.index")
+    shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="(Shard.stage, Shard.index)")
 
 
 class Shard(Base):
     __tablename__ = "shards"
-    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_shard_job_index"),)
+    __table_args__ = (UniqueConstraint("job_id", "stage", "index", name="uq_shard_job_stage_index"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(64), default="infer")
     index: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(16), default="gpu")
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires: Mapped[float | None] = mapped_column(Float, default=None)  # unix seconds
     heartbeat_at: Mapped[float | None] = mapped_column(Float, default=None)
-    images: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[float | None] = mapped_column(Float, default=None)  # this attempt's start (unix s)
+    finished_at: Mapped[float | None] = mapped_column(Float, default=None)
+    images: Mapped[int] = mapped_column(Integer, default=0)  # items of work: images, iterations
+    done: Mapped[int] = mapped_column(Integer, default=0)  # of them done (the unit's progress)
     output_key: Mapped[str | None] = mapped_column(String(512), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
 
@@ -76,3 +86,57 @@ class ApiToken(Base):
     scope: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # labeled | unlabeled | eval
+    annotations_key: Mapped[str | None] = mapped_column(String(512), default=None)  # validated COCO json
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(
+        back_populates="dataset", order_by="Image.id", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "name", name="uq_image_dataset_name"),
+        UniqueConstraint("dataset_id", "sha256", name="uq_image_dataset_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(512))  # the file name the COCO json refers to
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(512))  # storage key
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    dataset: Mapped[Dataset] = relationship(back_populates="images")
+
+
+class Model(Base):
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(512), unique=True)  # storage key of the model directory
+    backend: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(16))  # upload | job
+    role: Mapped[str] = mapped_column(String(16), default="")  # teacher | student | trained | imported
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), default=None)
+    datasets: Mapped[dict[str, Any]] = mapped_column(default=dict)  # role -> dataset id
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # eval dataset id -> COCO metrics
+    info: Mapped[dict[str, Any]] = mapped_column(default=dict)  # categories, iterations, config summary
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -286,7 +286,8 @@ class Client:
 
     def find_dataset(self, name: str) -> Dataset | None:
         """The dataset called ``name``, or ``None``."""
-        return next((d for d in self.datasets() if d["name"] == name), None)
+        found = self._json("GET", "/v1/datasets", params={"name": name, "limit": 1})["data"]
+        return found[0] if found else None
 
     def create_dataset(self, name: str, kind: str) -> Dataset:
         return self._json("POST", "/v1/datasets", json={"name": name, "kind": kind})

@@ -672,16 +672,49 @@ def _watch(client: Client, job_id: int, console: Console | None = None) -> int:
     return _outcome(console, job)
 
 
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """A line per stage that scored or decided something (AP in percent, the calibration, the promotion);
+    a stage's other numbers (training losses, ...) and metrics of unknown shape as compact JSON, cut at 200
+    characters. ``GET /v1/jobs/{id}`` has them all."""
+    lines = []
+    for stage, value in metrics.items():
+        if not isinstance(value, dict):
+            lines.append(f"{stage}: {json.dumps(value)}"[:200])
+        elif "primary" in value and isinstance(value["primary"], dict):
+            p = value["primary"]
+            verdict = "promoted" if value.get("promoted") else "not promoted"
+            lines.append(
+                f"{stage}: {p.get('metric')} teacher {_percent(p.get('teacher'))}, "
+                f"student {_percent(p.get('student'))} -> {verdict}"
+            )
+        elif scored := [
+            f"{task} AP {_percent(value[task].get('AP'))}"
+            for task in ("bbox", "segm", "keypoints")
+            if isinstance(value.get(task), dict)
+        ]:
+            lines.append(f"{stage}: {', '.join(scored)}")
+        elif "kept_per_image" in value:
+            lines.append(
+                f"{stage}: threshold {value.get('threshold')}, {value['kept_per_image']:.2f} "
+                f"pseudo-instances per image (labeled: {value.get('labeled_per_image', 0):.2f})"
+            )
+        elif "final_loss" not in value:
+            lines.append(f"{stage}: {json.dumps(value, separators=(', ', ': '))}"[:200])
+    return lines
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
 def _outcome(console: Console, job: Job) -> int:
     skipped = job.get("skipped") or []
     if skipped:
         shown = ", ".join(f"{s.get('name')} ({s.get('reason')})" for s in skipped[:5] if isinstance(s, dict))
         more = " ..." if len(skipped) > 5 else ""
         console.print(f"  skipped {_plural(len(skipped), 'image')}: {shown}{more}", markup=False)
-    metrics = job.get("metrics") or {}
-    if metrics:
-        text = json.dumps(metrics, separators=(", ", ": "))
-        console.print(f"  metrics: {text if len(text) <= 400 else text[:400] + ' ...'}", markup=False)
+    for line in _metric_lines(job.get("metrics") or {}):
+        console.print(f"  {line}", markup=False)
     took = ""
     if job.get("started_at") and job.get("finished_at"):
         start, end = (dt.datetime.fromisoformat(job[k]) for k in ("started_at", "finished_at"))

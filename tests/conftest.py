@@ -9,28 +9,13 @@ import torch
 
 from distill.data.coco import load_coco
 from distill.models.config import ModelConfig, config_from_coco_categories
+from distill.recipes import RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-# A model small enough to train for a few dozen iterations inside the test suite.
-TINY_MODEL = {
-    "backbone": "resnet18",
-    "masks": True,
-    "fpn_channels": 32,
-    "anchor_sizes": [16, 32, 64, 128, 256],
-    "test_size": 160,
-    "max_size": 320,
-    "train_sizes": [144, 160],
-    "box_head_dim": 64,
-    "mask_head_layers": [16],
-    "keypoint_head_layers": [32, 32],
-    "box_batch_size_per_image": 32,
-    "rpn_pre_nms_top_n_train": 300,
-    "rpn_post_nms_top_n_train": 100,
-    "rpn_pre_nms_top_n_test": 300,
-    "rpn_post_nms_top_n_test": 100,
-}
+# A model small enough to train for a few dozen iterations inside the test suite (the ``tiny`` recipe's).
+TINY_MODEL = dict(RECIPES["tiny"]["model"])
 
 
 def shared_data(*parts: str) -> Path:

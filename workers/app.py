@@ -1,11 +1,12 @@
-"""The Celery application: Redis broker, two queues (``gpu``: inference shards and training; ``cpu``:
-finalisation), and the settings long GPU tasks need on Redis.
+"""The Celery application: Redis broker, two queues (``gpu``: training, inference shards, evaluation;
+``cpu``: calibration and decisions; each unit is sent to its queue), and the settings long GPU tasks need on
+Redis.
 
 - ``acks_late`` + ``reject_on_worker_lost``: a task whose worker dies is delivered again (the ledger caps the
   attempts and makes the redelivery safe);
 - prefetch 1: a worker holds one shard at a time, so a lost worker strands nothing else;
-- a visibility timeout above the longest shard (``DISTILL_VISIBILITY_TIMEOUT``), or Redis redelivers a task
-  that is still running;
+- a visibility timeout above the longest unit (``DISTILL_VISIBILITY_TIMEOUT``, default 6 h), or Redis
+  redelivers a task that is still running (the ledger's lease makes that redelivery wait, not run twice);
 - no result backend: outcomes are recorded in the job ledger, never read from Celery.
 
 ``celery -A workers.app worker -Q gpu,cpu`` runs a worker with the ``DISTILL_*`` environment.
@@ -13,19 +14,17 @@ finalisation), and the settings long GPU tasks need on Redis.
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 from kombu import Queue
 
 from service.config import Settings
 
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery(
-        "distill", broker=settings.redis_url or "redis://127.0.0.1:6379/0", include=["workers.tasks"]
-    )
-    visibility = float(os.environ.get("DISTILL_VISIBILITY_TIMEOUT", 6 * 3600))
+    app = Celery("distill", broker=settings.redis_url or DEFAULT_BROKER, include=["workers.tasks"])
+    visibility = settings.visibility_timeout
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -38,7 +37,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_queues=[Queue("gpu"), Queue("cpu")],
         task_default_queue="cpu",
-        task_routes={"distill.infer_shard": {"queue": "gpu"}, "distill.finalize": {"queue": "cpu"}},
+        task_time_limit=settings.task_time_limit,
     )
     return app
 

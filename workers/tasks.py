@@ -1,11 +1,11 @@
-"""Thin Celery tasks over :mod:`distill.steps`: they take ids, re-read the job from the ledger, run one step
-and record the outcome there. The ledger, not Celery, decides who runs what (see :mod:`service.ledger`).
+"""Thin Celery tasks over :mod:`distill.steps`: they take ids, re-read the job from the ledger, run one unit
+of its current stage (:mod:`workers.stages`) and record the outcome there. The ledger, not Celery, decides
+who runs what (see :mod:`service.ledger`).
 
-- ``distill.infer_shard(job_id, index)`` (gpu queue): lease the shard, run the ``infer`` step on its images
-  with a heartbeat that also carries cancel requests, complete it; the worker that completes the last shard
-  enqueues the finalisation, exactly once.
-- ``distill.finalize(job_id)`` (cpu queue): the ``pseudo_label`` step over every shard's output, then the
-  job's end state.
+``distill.run_unit(job_id, stage, index)`` (on the unit's queue: ``gpu`` for training, inference and
+evaluation, ``cpu`` for calibration and the promotion decision): lease the unit, run it with a heartbeat
+that carries progress and cancel requests, complete it; the worker that completes a stage's last unit
+enqueues the next stage's units, exactly once, or finishes the job when its plan is over.
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from distill import steps
 from distill.errors import Cancelled, DistillError
-from distill.hooks import StepContext
-from distill.specs import InferSpec, PseudoLabelSpec
+from distill.hooks import ProgressEvent, StepContext
 from distill.storage import Storage
 from service import ledger
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction
 from service.models import Job, Shard
+from service.registry import record_metrics, register_job_models
+from workers import stages
 from workers.app import app
 
 logger = logging.getLogger(__name__)
@@ -45,72 +46,151 @@ def _runtime():
     return _state["settings"], _state["sessions"], _state["storage"]
 
 
+def _device(setting: str) -> str:
+    """The worker's torch device (CUDA is touched here, in the pool process, never in the parent)."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def send_unit(job_id: int, stage: str, index: int, queue: str, countdown: float | None = None) -> None:
+    run_unit.apply_async((job_id, stage, index), queue=queue, countdown=countdown)
+
+
 class _Heartbeat:
-    """The step's cancel check: renews the lease at most every few seconds, and says stop when the lease
-    was lost or the job cancelled."""
+    """The step's cancel check and progress sink: renews the lease (with the latest progress) at most every
+    few seconds, and says stop when the lease was lost or the job cancelled."""
 
     def __init__(self, sessions, lease: ledger.Lease, lease_seconds: float) -> None:
         self.sessions, self.lease, self.lease_seconds = sessions, lease, lease_seconds
         self.last, self.stop = 0.0, False
+        self.progress: tuple[int, int] | None = None
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        if event.total:
+            self.progress = (int(event.done), int(event.total))
 
     def __call__(self) -> bool:
         now = time.time()
-        if not self.stop and now - self.last >= min(5.0, self.lease_seconds / 4):
+        if not self.stop and now - self.last >= min(2.0, self.lease_seconds / 4):
             with transaction(self.sessions) as session:
                 self.stop = not ledger.heartbeat(
-                    session, lease=self.lease, now=now, lease_seconds=self.lease_seconds
-                )
+                    session, lease=self.lease, now=now, lease_seconds=self.lease_seconds,
+                    progress=self.progress,
+                )  # fmt: skip
             self.last = now
         return self.stop
 
 
-@app.task(name="distill.infer_shard", bind=True)
-def infer_shard(self, job_id: int, index: int) -> None:
+@app.task(name="distill.run_unit", bind=True)
+def run_unit(self, job_id: int, stage: str, index: int) -> None:
     settings, sessions, storage = _runtime()
     with transaction(sessions) as session:
         lease = ledger.claim_shard(
-            session, job_id=job_id, index=index, owner=_owner(), now=time.time(),
+            session, job_id=job_id, stage=stage, index=index, owner=_owner(), now=time.time(),
             lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
         )  # fmt: skip
         job = session.get(Job, job_id)
         spec = dict(job.spec) if job is not None else None
-        count = len(job.shards) if job is not None else 0
-        held = _held_until(session, job_id, index) if lease is None else None
+        counts = _unit_counts(session, job_id)
+        held = _held_until(session, job_id, stage, index) if lease is None else None
     if held is not None and held > time.time():
-        # a redelivery while the shard's lease is still held (its worker was killed, or is still running):
+        # a redelivery while the unit's lease is still held (its worker was killed, or is still running):
         # come back when the lease would have expired; the claim then decides
         raise self.retry(countdown=max(1.0, held - time.time() + 1.0), max_retries=None)
     if lease is None or spec is None:
-        # done, cancelled, gone, or expired with no attempts left (the sweep fails that job)
-        logger.info("shard %d of job %d is not ours to run", index, job_id)
+        # done, not the current stage, cancelled, gone, or out of attempts (the sweep fails that job)
+        logger.info("unit %s/%d of job %d is not ours to run", stage, index, job_id)
         _end_if_cancelled(sessions, job_id)
         return
-    out = f"jobs/{job_id}/shards/{index:05d}.jsonl"
-    infer = InferSpec.model_validate({**spec["infer"], "out": out, "shard": (index, count)})
-    context = StepContext(should_cancel=_Heartbeat(sessions, lease, settings.lease_seconds))
+    heartbeat = _Heartbeat(sessions, lease, settings.lease_seconds)
+    context = StepContext(progress=heartbeat.on_progress, should_cancel=heartbeat)
+    run = stages.UnitRun(job_id, stage, index, spec, counts, storage, _device(settings.device))
     try:
-        steps.infer(infer, storage, context)
+        outcome = stages.run_unit(run, context)
     except Cancelled:
-        logger.info("shard %d of job %d stopped: cancelled or lease lost", index, job_id)
+        logger.info("unit %s/%d of job %d stopped: cancelled or lease lost", stage, index, job_id)
         _end_if_cancelled(sessions, job_id)
         return
     except Exception as exc:  # recorded in the ledger; the job fails only when the attempts run out
-        logger.exception("shard %d of job %d failed", index, job_id)
+        logger.exception("unit %s/%d of job %d failed", stage, index, job_id)
         error = str(exc) if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}"
         with transaction(sessions) as session:
             outcome = ledger.fail_shard(session, lease=lease, error=error, max_attempts=settings.max_attempts)
         if outcome == "requeued":
-            infer_shard.apply_async((job_id, index), countdown=2.0)
+            send_unit(job_id, stage, index, stages.QUEUES[stages.parse_stage(stage)[0]], countdown=2.0)
         return
+    _complete(sessions, settings, lease, outcome)
+
+
+def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages.Outcome) -> None:
+    """Record the unit's outcome and complete it in one transaction; then enqueue the next stage."""
     with transaction(sessions) as session:
-        last = ledger.complete_shard(session, lease=lease, output_key=out)
-        _add_progress(session, job_id)
-    if last:  # this commit completed the job's last shard: enqueue the finalisation, once
-        finalize.delay(job_id)
+        if not ledger.holds(session, lease=lease):
+            return  # another worker owns this unit now: it records the same outcome
+        job = session.get(Job, lease.job_id)
+        _record(job, lease.stage, outcome)
+        register_job_models(session, job, outcome.models)
+        if outcome.scored_model is not None:
+            eval_dataset = (job.spec.get("datasets") or {}).get("eval", "eval")
+            record_metrics(session, outcome.scored_model, eval_dataset, outcome.metrics)
+        if _over_error_budget(session, job, settings.error_budget):
+            return
+        if outcome.stop:
+            ledger.finish_job(session, job_id=job.id, state="succeeded", metrics=job.metrics)
+        advance = ledger.complete_shard(session, lease=lease, output_key=outcome.output_key)
+        if advance is not None and advance.stage is None:
+            ledger.finish_job(session, job_id=job.id, state="succeeded", metrics=job.metrics)
+    if advance is not None and advance.stage is not None:
+        for index, queue in advance.units:
+            send_unit(lease.job_id, advance.stage, index, queue)
+
+
+def _record(job: Job, stage: str, outcome: stages.Outcome) -> None:
+    """Merge a unit's warnings, skipped images and metrics into its job (metrics of a sharded stage are
+    summed: images)."""
+    job.warnings = list(dict.fromkeys([*job.warnings, *outcome.warnings]))  # a retried unit says it again
+    seen = {s["name"] for s in job.skipped}
+    job.skipped = [*job.skipped, *(s for s in outcome.skipped if s["name"] not in seen)]
+    metrics: dict[str, Any] = dict(job.metrics or {})
+    if stage in metrics and stages.parse_stage(stage)[0] == "infer":
+        before = metrics[stage]
+        metrics[stage] = {k: before.get(k, 0) + v for k, v in outcome.metrics.items()}
+    else:
+        metrics[stage] = outcome.metrics
+    job.metrics = metrics
+
+
+def _over_error_budget(session, job: Job, budget: float) -> bool:
+    """Fail the job when more than ``budget`` of its unlabeled images could not be read (one bad image
+    never fails a job); True when it did."""
+    if not job.skipped:
+        return False
+    total = session.scalar(
+        select(func.coalesce(func.sum(Shard.images), 0)).where(Shard.job_id == job.id, Shard.stage == "infer")
+    )
+    if not total or len(job.skipped) <= budget * total:
+        return False
+    names = ", ".join(f"{s['name']} ({s['reason']})" for s in job.skipped[:5])
+    ledger.finish_job(
+        session, job_id=job.id, state="failed",
+        error=f"{len(job.skipped)} of {total} images could not be read, over the error budget of "
+        f"{budget:.0%} (DISTILL_ERROR_BUDGET): {names}",
+    )  # fmt: skip
+    return True
+
+
+def _unit_counts(session, job_id: int) -> dict[str, int]:
+    rows = session.execute(
+        select(Shard.stage, func.count()).where(Shard.job_id == job_id).group_by(Shard.stage)
+    ).all()
+    return {str(stage): int(n) for stage, n in rows}
 
 
 def _end_if_cancelled(sessions, job_id: int) -> None:
@@ -121,38 +201,12 @@ def _end_if_cancelled(sessions, job_id: int) -> None:
             ledger.finish_job(session, job_id=job_id, state="cancelled")
 
 
-def _held_until(session, job_id: int, index: int) -> float | None:
-    """When the running shard's current lease expires (None: the shard is not running)."""
-    shard = session.scalar(select(Shard).where(Shard.job_id == job_id, Shard.index == index))
+def _held_until(session, job_id: int, stage: str, index: int) -> float | None:
+    """When the running unit's current lease expires (None: the unit is not running)."""
+    shard = session.scalar(
+        select(Shard).where(Shard.job_id == job_id, Shard.stage == stage, Shard.index == index)
+    )
     job = session.get(Job, job_id)
     if shard is None or shard.state != "running" or job is None or job.state not in ledger.ACTIVE:
         return None
     return shard.lease_expires
-
-
-def _add_progress(session, job_id: int) -> None:
-    """Images done = the images of the job's done shards."""
-    job = session.get(Job, job_id)
-    job.progress_done = sum(s.images for s in job.shards if s.state == "done")
-
-
-@app.task(name="distill.finalize")
-def finalize(job_id: int) -> None:
-    _settings, sessions, storage = _runtime()
-    with transaction(sessions) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state not in ledger.ACTIVE:
-            return
-        spec = dict(job.spec)
-        outputs = [s.output_key for s in job.shards]
-    pseudo = PseudoLabelSpec.model_validate({**spec["pseudo_label"], "predictions": outputs})
-    try:
-        result = steps.pseudo_label(pseudo, storage)
-    except DistillError as exc:
-        with transaction(sessions) as session:
-            ledger.finish_job(session, job_id=job_id, state="failed", error=str(exc))
-        return
-    with transaction(sessions) as session:
-        job = session.get(Job, job_id)
-        job.warnings = result.warnings
-        ledger.finish_job(session, job_id=job_id, state="succeeded", metrics=result.metrics)

@@ -26,13 +26,14 @@ from service.models import Dataset, Image
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 T = TypeVar("T")
+DatasetKind = Literal["labeled", "unlabeled", "eval"]
 
 
 class DatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=datasets.NAME_PATTERN, description="unique; letters, digits, '.', '_', '-'")
-    kind: Literal["labeled", "unlabeled", "eval"]
+    kind: DatasetKind
 
 
 class DatasetPublic(BaseModel):
@@ -124,10 +125,20 @@ def create_dataset(body: DatasetCreate, session: SessionDep, runtime: RuntimeDep
 
 @router.get("", operation_id="list_datasets", dependencies=[Read])
 def list_datasets(
-    session: SessionDep, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)
+    session: SessionDep,
+    name: str | None = None,
+    kind: DatasetKind | None = None,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(50, ge=1, le=500),
 ) -> DatasetsPublic:
-    count = session.scalar(select(func.count(Dataset.id))) or 0
-    rows = session.scalars(select(Dataset).order_by(Dataset.id).offset(offset).limit(limit)).all()
+    """Datasets, the oldest first; ``name`` / ``kind`` filter."""
+    query = select(Dataset)
+    if name is not None:
+        query = query.where(Dataset.name == name)
+    if kind is not None:
+        query = query.where(Dataset.kind == kind)
+    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Dataset.id).offset(offset).limit(limit)).all()
     return DatasetsPublic(data=[_public(d) for d in rows], count=count)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,7 +22,7 @@ class Runtime:
     settings: Settings
     sessions: sessionmaker[Session]
     storage: Storage
-    enqueue: Callable[[str, list[Any]], None]  # (task name, args)
+    enqueue: Callable[[int, str, int, str], None]  # (job id, stage, unit index, queue)
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -47,7 +47,7 @@ def require(scope: str) -> Callable[..., str]:
 
     def check(
         runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-    ) -> str:
+    ) -> auth.TokenInfo:
         token = None
         if credentials is not None:
             # its own short transaction: the route's session (if any) must not wait on this one's lock
@@ -64,10 +64,12 @@ def require(scope: str) -> Callable[..., str]:
             raise HTTPException(
                 status.HTTP_403_FORBIDDEN, f"this needs a {scope} token (yours: {token.scope})"
             )
-        return token.scope
+        return token
 
     return check
 
 
 Read = Depends(require("read"))
 Write = Depends(require("write"))
+ReadToken = Annotated[auth.TokenInfo, Depends(require("read"))]
+WriteToken = Annotated[auth.TokenInfo, Depends(require("write"))]

@@ -4,30 +4,57 @@ crash. Every route but ``/healthz`` needs a bearer token."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Response
 from fastapi.routing import APIRoute
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 
 from distill.storage import Storage
 from service import ledger
 from service.api.datasets import router as datasets_router
 from service.api.deps import Read, Runtime, RuntimeDep
+from service.api.metrics import queue_depths
+from service.api.metrics import router as metrics_router
+from service.api.models import router as models_router
 from service.api.routes import router as jobs_router
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction, upgrade
+
+logger = logging.getLogger(__name__)
 
 
 def _operation_id(route: APIRoute) -> str:
     return route.name  # stable ids: the function names
 
 
+def _sweep(runtime: Runtime, *, all_queued: bool) -> None:
+    """Expired leases back to the queue (and, on start, every queued unit enqueued again)."""
+    settings = runtime.settings
+    with transaction(runtime.sessions) as session:
+        units = ledger.sweep(
+            session, now=time.time(), max_attempts=settings.max_attempts, all_queued=all_queued
+        )
+    for job_id, stage, index, queue in units:
+        runtime.enqueue(job_id, stage, index, queue)
+
+
+async def _sweep_every(runtime: Runtime, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await run_in_threadpool(_sweep, runtime, all_queued=False)
+        except Exception:  # a database or broker hiccup: log it, try again next time
+            logger.exception("ledger sweep failed")
+
+
 def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
-    """The API over ``settings`` (default: the ``DISTILL_*`` environment). ``enqueue(task, args)`` defaults
-    to sending the task to the Celery broker."""
+    """The API over ``settings`` (default: the ``DISTILL_*`` environment). ``enqueue(job_id, stage, index,
+    queue)`` defaults to sending ``distill.run_unit`` to the Celery broker."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -36,21 +63,25 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
         engine = make_engine(settings.database)
         send = enqueue
         celery = None
+        app.state.broker_url = None
         if send is None:
-            from workers.app import make_celery
+            from workers.app import DEFAULT_BROKER, make_celery
+
+            app.state.broker_url = settings.redis_url or DEFAULT_BROKER
 
             celery = make_celery(settings)
 
-            def send(task: str, args: list[Any]) -> None:
-                celery.send_task(task, args=args)
+            def send(job_id: int, stage: str, index: int, queue: str) -> None:
+                celery.send_task("distill.run_unit", args=[job_id, stage, index], queue=queue)
 
-        runtime = Runtime(settings, session_factory(engine), Storage(settings.storage), send)
-        with transaction(runtime.sessions) as session:
-            requeue = ledger.sweep(session, now=time.time(), max_attempts=settings.max_attempts)
-        for job_id, index in requeue:
-            send("distill.infer_shard", [job_id, index])
+        storage = Storage(settings.storage)
+        storage.fs.makedirs(storage.root or ".", exist_ok=True)  # a fresh data dir is ready, not 503
+        runtime = Runtime(settings, session_factory(engine), storage, send)
+        _sweep(runtime, all_queued=True)
         app.state.runtime = runtime
+        sweeper = asyncio.create_task(_sweep_every(runtime, settings.sweep_seconds))
         yield
+        sweeper.cancel()
         if celery is not None:
             celery.close()
         engine.dispose()
@@ -64,6 +95,9 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
     @app.get("/readyz", operation_id="readyz", tags=["health"], dependencies=[Read])
     def readyz(runtime: RuntimeDep, response: Response) -> dict[str, str]:
         checks = {"database": "ok", "storage": "ok"}
+        if app.state.broker_url is not None:
+            reachable = queue_depths(app.state.broker_url, ("gpu",))["gpu"] >= 0
+            checks["broker"] = "ok" if reachable else "unreachable"
         try:
             with runtime.sessions() as session:
                 session.execute(text("SELECT 1"))
@@ -77,7 +111,9 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
         return checks
 
     app.include_router(jobs_router)
+    app.include_router(metrics_router)
     app.include_router(datasets_router)
+    app.include_router(models_router)
     return app
 
 

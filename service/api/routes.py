@@ -1,39 +1,125 @@
-"""``/v1/jobs``: submit a distill job, read its state, cancel it, download its artifacts."""
+"""``/v1/jobs``: submit a job (pipeline, distill, train, evaluate), read its state and stages, follow its
+events, cancel or retry it, download its artifacts."""
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
+import posixpath
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from distill.errors import InputError
+from distill.pipeline import EvaluationSpec, StudentSpec
+from distill.recipes import RECIPES
 from distill.specs import CalibrationSpec, InferenceSpec
 from service import ledger
-from service.api.deps import Read, RuntimeDep, SessionDep, Write
-from service.jobs import submit_distill_job
+from service.api.deps import Read, RuntimeDep, SessionDep, Write, WriteToken
+from service.api.submit import submit_job
+from service.db import transaction
 from service.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+EVENT_POLL_SECONDS = 0.5
 
 
-class DistillJobCreate(BaseModel):
-    """A distill job over files in the service's storage (keys relative to its root)."""
-
+class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["distill"]
-    model: str = Field(description="model directory key of the teacher")
-    unlabeled: str = Field(description="COCO json key of the unlabeled images")
-    unlabeled_images: str = Field(description="folder key of the unlabeled json's file names")
-    labeled: str = Field(description="labeled COCO json key (the target density)")
+
+class TeacherIn(_Body):
+    """The teacher: a registered model (``model``: its id), or trained by the job from ``recipe``."""
+
+    model: int | None = Field(None, description="id of a registered model")
+    recipe: str = "synth"
+    init: Literal["scratch", "imagenet"] = "scratch"
+    iterations: int | None = Field(None, ge=1, le=10_000_000)
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str) -> str:
+        if value not in RECIPES:
+            raise ValueError(f"unknown recipe {value!r} (known: {', '.join(RECIPES)})")
+        return value
+
+
+class StudentIn(StudentSpec):
+    init: Literal["scratch", "imagenet", "teacher"] = "scratch"
+    recipe: str | None = None
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, value: str | None) -> str | None:
+        return value if value is None else TeacherIn._known_recipe(value)
+
+
+class PipelineJobCreate(_Body):
+    """A whole distillation round (or ``rounds``): teacher → multi-view inference → pseudo-labels →
+    student → evaluation on ``eval`` → promotion decision."""
+
+    type: Literal["pipeline"]
+    labeled: int = Field(description="id of a labeled dataset (with annotations)")
+    unlabeled: int = Field(description="id of an unlabeled dataset")
+    eval: int | None = Field(None, description="id of an eval dataset (teacher vs student)")
+    teacher: TeacherIn = TeacherIn()
     inference: InferenceSpec = InferenceSpec()
     calibration: CalibrationSpec = CalibrationSpec()
-    shard_size: int | None = Field(None, ge=1, description="images per shard (default: the setting)")
+    student: StudentIn = StudentIn()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    rounds: int = Field(1, ge=1, le=20)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    shard_size: int | None = Field(None, ge=1, le=1_000_000, description="images per shard")
+
+
+class DistillJobCreate(_Body):
+    """Inference + fusion + calibration + pseudo-labels of ``unlabeled`` with a registered teacher."""
+
+    type: Literal["distill"]
+    labeled: int = Field(description="id of a labeled dataset (the target density)")
+    unlabeled: int
+    teacher: int = Field(description="id of a registered model")
+    inference: InferenceSpec = InferenceSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    shard_size: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class TrainJobCreate(_Body):
+    type: Literal["train"]
+    labeled: int
+    recipe: str = "synth"
+    init: Literal["scratch", "imagenet"] = "scratch"
+    iterations: int | None = Field(None, ge=1, le=10_000_000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
+
+    _known_recipe = field_validator("recipe")(TeacherIn._known_recipe.__func__)
+
+
+class EvaluateJobCreate(_Body):
+    type: Literal["evaluate"]
+    model: int = Field(description="id of a registered model")
+    eval: int = Field(description="id of an eval (or labeled) dataset")
+
+
+JobCreate = Annotated[
+    PipelineJobCreate | DistillJobCreate | TrainJobCreate | EvaluateJobCreate, Field(discriminator="type")
+]
+
+
+class StagePublic(BaseModel):
+    name: str
+    state: str  # queued | running | done | failed
+    units: int
+    done_units: int
+    progress: dict[str, int]
 
 
 class JobPublic(BaseModel):
@@ -43,8 +129,12 @@ class JobPublic(BaseModel):
     stage: str
     progress: dict[str, int]
     eta_s: float | None
+    stages: list[StagePublic]
     warnings: list[Any]
+    skipped: list[Any]
     metrics: dict[str, Any]
+    datasets: dict[str, Any]
+    cancel_requested: bool
     error: str | None
     created_at: str
     started_at: str | None
@@ -56,16 +146,40 @@ class JobsPublic(BaseModel):
     count: int
 
 
+def _stages(job: Job) -> list[StagePublic]:
+    by_stage: dict[str, list[Any]] = {}
+    for unit in job.shards:
+        by_stage.setdefault(unit.stage, []).append(unit)
+    out = []
+    for name in job.plan or list(by_stage):
+        units = by_stage.get(name, [])
+        states = {u.state for u in units}
+        state = next((s for s in ("failed", "running") if s in states), None)
+        state = state or ("done" if states == {"done"} else "queued")
+        progress = {"done": sum(u.done for u in units), "total": sum(u.images for u in units)}
+        finished = sum(u.state == "done" for u in units)
+        out.append(
+            StagePublic(name=name, state=state, units=len(units), done_units=finished, progress=progress)
+        )
+    return out
+
+
+def _eta(job: Job) -> float | None:
+    """Seconds left in the current stage, from its units' pace so far (None when unknown)."""
+    units = [u for u in job.shards if u.stage == job.stage and u.claimed_at is not None]
+    if job.finished_at is not None or not units or not 0 < job.progress_done < job.progress_total:
+        return None
+    elapsed = time.time() - min(u.claimed_at for u in units)
+    return round(elapsed / job.progress_done * (job.progress_total - job.progress_done), 1)
+
+
 def _public(job: Job) -> JobPublic:
-    eta = None
-    if job.started_at is not None and 0 < job.progress_done < job.progress_total and not job.finished_at:
-        elapsed = time.time() - job.started_at.timestamp()
-        eta = round(elapsed / job.progress_done * (job.progress_total - job.progress_done), 1)
     return JobPublic(
         id=job.id, type=job.type, state=job.state, stage=job.stage,
-        progress={"done": job.progress_done, "total": job.progress_total}, eta_s=eta,
-        warnings=list(job.warnings or []), metrics=dict(job.metrics or {}), error=job.error,
-        created_at=job.created_at.isoformat(),
+        progress={"done": job.progress_done, "total": job.progress_total}, eta_s=_eta(job),
+        stages=_stages(job), warnings=list(job.warnings or []), skipped=list(job.skipped or []),
+        metrics=dict(job.metrics or {}), datasets=dict((job.spec or {}).get("datasets") or {}),
+        cancel_requested=job.cancel_requested, error=job.error, created_at=job.created_at.isoformat(),
         started_at=job.started_at.isoformat() if job.started_at else None,
         finished_at=job.finished_at.isoformat() if job.finished_at else None,
     )  # fmt: skip
@@ -78,27 +192,14 @@ def _job(session, job_id: int) -> Job:
     return job
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, operation_id="create_job", dependencies=[Write])
-def create_job(body: DistillJobCreate, runtime: RuntimeDep) -> dict[str, Any]:
-    storage = runtime.storage
-    for field in ("model", "unlabeled", "unlabeled_images", "labeled"):
-        key = getattr(body, field)
-        try:
-            found = storage.exists(key)
-        except InputError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"{field}: {exc}") from None
-        if not found:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"{field}: {key} is not in storage")
+@router.post("", status_code=status.HTTP_202_ACCEPTED, operation_id="create_job")
+def create_job(body: JobCreate, runtime: RuntimeDep, token: WriteToken) -> dict[str, Any]:
+    """Validate a job up front (unknown datasets or models, a dataset without annotations → 422 naming
+    it), snapshot its datasets, and queue its first stage; answers at once."""
     try:
-        job_id = submit_distill_job(
-            runtime.sessions, storage, model=body.model, unlabeled=body.unlabeled,
-            unlabeled_images=body.unlabeled_images, labeled=body.labeled, inference=body.inference,
-            calibration=body.calibration.model_dump(mode="json"),
-            shard_size=body.shard_size or runtime.settings.shard_size,
-            enqueue=lambda job, index: runtime.enqueue("distill.infer_shard", [job, index]),
-        )  # fmt: skip
+        job_id = submit_job(runtime, body, created_by=token.id)
     except InputError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     return {"id": job_id, "state": "queued"}
 
 
@@ -137,36 +238,87 @@ def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
     return _public(job)
 
 
-def _artifacts(job: Job) -> dict[str, str]:
-    """Artifact name -> storage key of a job (what exists of it)."""
-    names: dict[str, str] = {}
-    pseudo = (job.spec or {}).get("pseudo_label", {}).get("out")
-    if pseudo:
-        stem = pseudo.rsplit(".", 1)[0]
-        names.update(
-            {"pseudo.json": pseudo, "calibration.json": f"{stem}.calibration.json",
-             "calibration.png": f"{stem}.calibration.png"}
-        )  # fmt: skip
-    for shard in job.shards:
-        if shard.output_key:
-            names[f"predictions-{shard.index:05d}.jsonl"] = shard.output_key
+@router.post("/{job_id}/retry", status_code=status.HTTP_202_ACCEPTED, operation_id="retry_job",
+             dependencies=[Write])  # fmt: skip
+def retry_job(job_id: int, runtime: RuntimeDep) -> JobPublic:
+    """Queue a failed or cancelled job again where it stopped: finished units and checkpoints are kept."""
+    with transaction(runtime.sessions) as session:
+        job = _job(session, job_id)
+        units = ledger.retry_job(session, job_id=job_id)
+        if units is None:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"job {job_id} is {job.state}: only failed or cancelled jobs retry"
+            )
+        public = _public(job)
+    for stage, index, queue in units:
+        runtime.enqueue(job_id, stage, index, queue)
+    return public
+
+
+@router.get("/{job_id}/events", operation_id="job_events", dependencies=[Read])
+async def job_events(job_id: int, runtime: RuntimeDep, request: Request) -> EventSourceResponse:
+    """Server-sent events: ``job`` (the job, as ``GET /v1/jobs/{id}``) whenever its state, stage or progress
+    changes, then ``end`` once it has finished."""
+
+    def read() -> JobPublic | None:
+        with runtime.sessions() as session:
+            job = session.get(Job, job_id)
+            return None if job is None else _public(job)
+
+    first = await run_in_threadpool(read)
+    if first is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist")
+
+    async def stream():
+        last, job = None, first
+        while job is not None:
+            seen = (job.state, job.stage, job.progress["done"], job.progress["total"], len(job.warnings))
+            if seen != last:
+                yield {"event": "job", "data": job.model_dump_json()}
+                last = seen
+            if job.state in ledger.FINISHED:
+                yield {"event": "end", "data": job.model_dump_json()}
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(EVENT_POLL_SECONDS)
+            job = await run_in_threadpool(read)
+
+    return EventSourceResponse(stream(), ping=15)
+
+
+def _artifacts(runtime, job: Job) -> dict[str, str]:
+    """Artifact name (its path under the job's folder) -> storage key, for every file the job wrote."""
+    root = f"jobs/{job.id}"
+    storage = runtime.storage
+    if not storage.exists(root):
+        return {}
+    base = storage.path(root).rstrip("/") + "/"
+    names = {}
+    for path in sorted(storage.fs.find(storage.path(root))):
+        name = str(path)[len(base) :] if str(path).startswith(base) else posixpath.basename(str(path))
+        if not name.startswith("inputs/") and not posixpath.basename(name).startswith("."):
+            names[name] = f"{root}/{name}"
     return names
 
 
 @router.get("/{job_id}/artifacts", operation_id="list_artifacts", dependencies=[Read])
 def list_artifacts(job_id: int, session: SessionDep, runtime: RuntimeDep) -> list[dict[str, Any]]:
+    """Every file the job wrote: name, size, content type, and ``partial`` (a ``.partial`` stream, or any
+    file of a job that did not succeed)."""
+    job = _job(session, job_id)
     out = []
-    for name, key in _artifacts(_job(session, job_id)).items():
-        if runtime.storage.exists(key):
-            size = runtime.storage.fs.size(runtime.storage.path(key))
-            kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
-            out.append({"name": name, "size": size, "content_type": kind})
+    for name, key in _artifacts(runtime, job).items():
+        size = runtime.storage.fs.size(runtime.storage.path(key))
+        kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        partial = name.endswith(".partial") or job.state != "succeeded"
+        out.append({"name": name, "size": size, "content_type": kind, "partial": partial})
     return out
 
 
-@router.get("/{job_id}/artifacts/{name}", operation_id="get_artifact", dependencies=[Read])
+@router.get("/{job_id}/artifacts/{name:path}", operation_id="get_artifact", dependencies=[Read])
 def get_artifact(job_id: int, name: str, session: SessionDep, runtime: RuntimeDep) -> FileResponse:
-    key = _artifacts(_job(session, job_id)).get(name)
-    if key is None or not runtime.storage.exists(key):
+    key = _artifacts(runtime, _job(session, job_id)).get(name)  # only names the listing has: no traversal
+    if key is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
-    return FileResponse(runtime.storage.local(key), filename=name)
+    return FileResponse(runtime.storage.local(key), filename=posixpath.basename(name))

@@ -1,6 +1,7 @@
 """The job ledger on a real SQLite file (WAL) and a real PostgreSQL, migrated by Alembic: compare-and-set
-claims, leases that expire, exactly one finaliser per job even when the last shards complete at the same
-moment in different processes, and the sweep that leaves nothing "running" after a crash."""
+claims, leases that expire, exactly one caller advancing a job to its next stage even when the last shards
+complete at the same moment in different processes, only the current stage's units claimable, progress
+summed per stage, and the sweep that leaves nothing "running" after a crash."""
 
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ def new_job(sessions, shards: int = 3) -> int:
         return ledger.create_job(session, type="distill", spec={"views": "1x"}, shard_images=[4] * shards).id
 
 
-def claim(sessions, job_id: int, index: int, owner: str, now: float = 1000.0, max_attempts: int = 3):
+def claim(
+    sessions, job_id: int, index: int, owner: str, now: float = 1000.0, max_attempts: int = 3,
+    stage: str = "infer",
+):  # fmt: skip
     with transaction(sessions) as session:
         return ledger.claim_shard(
-            session, job_id=job_id, index=index, owner=owner, now=now, lease_seconds=LEASE,
+            session, job_id=job_id, stage=stage, index=index, owner=owner, now=now, lease_seconds=LEASE,
             max_attempts=max_attempts,
         )  # fmt: skip
 
@@ -40,7 +44,7 @@ def test_migrations_create_the_schema_and_are_idempotent(db_url: str) -> None:
     upgrade(db_url)  # again: nothing to do
     engine = make_engine(db_url)
     names = set(inspect(engine).get_table_names())
-    assert {"jobs", "shards", "api_tokens", "alembic_version"} <= names
+    assert {"jobs", "shards", "api_tokens", "datasets", "images", "models", "alembic_version"} <= names
     if db_url.startswith("sqlite"):
         with engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -68,18 +72,40 @@ def test_a_shard_is_leased_to_one_owner_until_its_lease_expires(sessions) -> Non
     assert claim(sessions, job_id, 0, "worker-d", now=1300.0) is None  # out of attempts
 
 
-def test_the_last_shard_to_complete_claims_finalisation_once(sessions) -> None:
+def test_the_last_shard_to_complete_advances_the_job_once(sessions) -> None:
     job_id = new_job(sessions, shards=2)
     leases = [claim(sessions, job_id, i, f"w{i}") for i in range(2)]
+    assert claim(sessions, job_id, 0, "early", stage="pseudo_label") is None  # not the current stage
     with transaction(sessions) as session:
-        assert not ledger.complete_shard(session, lease=leases[1], output_key="job/1")
+        assert ledger.complete_shard(session, lease=leases[1], output_key="job/1") is None
     with transaction(sessions) as session:
-        assert ledger.complete_shard(session, lease=leases[0], output_key="job/0")
+        advance = ledger.complete_shard(session, lease=leases[0], output_key="job/0")
+        assert advance == ledger.Advance("pseudo_label", ((0, "cpu"),))
     with transaction(sessions) as session:
-        assert not ledger.complete_shard(session, lease=leases[0], output_key="job/0")  # a redelivery
+        assert ledger.complete_shard(session, lease=leases[0], output_key="job/0") is None  # a redelivery
         job = session.get(Job, job_id)
-        assert job.finalize_claimed and job.stage == "finalize"
-        assert [s.output_key for s in job.shards] == ["job/0", "job/1"]
+        assert job.stage == "pseudo_label" and job.plan == ["infer", "pseudo_label"]
+        infer = [s for s in job.shards if s.stage == "infer"]
+        assert [s.output_key for s in infer] == ["job/0", "job/1"]
+    last = claim(sessions, job_id, 0, "cpu-worker", stage="pseudo_label")
+    with transaction(sessions) as session:
+        assert ledger.complete_shard(session, lease=last, output_key="pseudo.json") == ledger.Advance(None)
+        assert session.get(Job, job_id).stage == "done"
+
+
+def test_progress_is_the_current_stages_units_summed(sessions) -> None:
+    job_id = new_job(sessions, shards=2)  # 4 images each
+    leases = [claim(sessions, job_id, i, f"w{i}") for i in range(2)]
+    with transaction(sessions) as session:
+        assert ledger.heartbeat(session, lease=leases[0], now=1001.0, lease_seconds=LEASE, progress=(3, 4))
+        assert ledger.heartbeat(session, lease=leases[1], now=1001.0, lease_seconds=LEASE, progress=(1, 4))
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        assert (job.progress_done, job.progress_total) == (4, 8)
+        ledger.complete_shard(session, lease=leases[0], output_key="a")
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        assert (job.progress_done, job.progress_total) == (5, 8)  # a done unit counts whole
 
 
 def _complete_at_once(db_url: str, job_id: int, index: int, barrier, results) -> None:
@@ -111,7 +137,8 @@ def test_shards_completing_together_in_separate_processes_finalise_exactly_once(
         assert proc.exitcode == 0
     answers = dict(results.get(timeout=10) for _ in range(shards))
     assert sorted(answers) == list(range(shards))
-    assert sum(answers.values()) == 1, answers
+    advanced = [i for i, answer in answers.items() if answer is not None]
+    assert len(advanced) == 1 and answers[advanced[0]].stage == "pseudo_label", answers
 
 
 def test_the_sweep_requeues_expired_work_and_fails_what_ran_out_of_attempts(sessions) -> None:
@@ -121,10 +148,12 @@ def test_the_sweep_requeues_expired_work_and_fails_what_ran_out_of_attempts(sess
     claim(sessions, job_id, 1, "alive", now=1000.0, max_attempts=2)
     with transaction(sessions) as session:
         again = ledger.sweep(session, now=1030.0, max_attempts=2)  # nothing expired yet
-    assert again == [(other, 0)]  # the never-started job's shard is (re)enqueued
+    assert again == [(other, "infer", 0, "gpu")]  # the never-started job's shard is (re)enqueued
     with transaction(sessions) as session:
-        again = ledger.sweep(session, now=1061.0, max_attempts=2)
-    assert again == [(job_id, 0), (job_id, 1), (other, 0)]
+        assert ledger.sweep(session, now=1030.0, max_attempts=2, all_queued=False) == []
+    with transaction(sessions) as session:
+        again = ledger.sweep(session, now=1061.0, max_attempts=2, all_queued=False)
+    assert again == [(job_id, "infer", 0, "gpu"), (job_id, "infer", 1, "gpu")]  # only what it put back
     claim(sessions, job_id, 0, "crashed-again", now=1100.0, max_attempts=2)
     with transaction(sessions) as session:
         ledger.sweep(session, now=1200.0, max_attempts=2)

@@ -125,7 +125,11 @@ def test_distill_up_serves_stops_everything_and_keeps_its_admin_token(tmp_path: 
         )
         assert httpx.get(f"{ready['url']}/healthz").status_code == 200
         readyz = httpx.get(f"{ready['url']}/readyz", headers={"Authorization": f"Bearer {admin}"})
-        assert readyz.status_code == 200 and readyz.json() == {"database": "ok", "storage": "ok"}
+        assert readyz.status_code == 200 and readyz.json() == {
+            "database": "ok",
+            "storage": "ok",
+            "broker": "ok",
+        }
         assert httpx.get(f"{ready['url']}/readyz").status_code == 401
         first.wait_workers()
         pids = first.processes()

@@ -1,5 +1,5 @@
 """A distill job through real Celery workers on a real Redis: shards leased from the ledger, the last one
-enqueuing the finalisation, and pseudo-labels equal to the in-process steps' for the same teacher and
+enqueuing the calibration stage, and pseudo-labels equal to the in-process steps' for the same teacher and
 batching. Every process the test starts (redis-server, the worker and its pool) is stopped by its id."""
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from distill import steps
+from distill.layout import RunLayout
 from distill.specs import InferenceSpec, InferSpec, PseudoLabelSpec
 from distill.storage import Storage
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction, upgrade
 from service.jobs import submit_distill_job
-from service.models import Job
+from service.models import Job, Shard
 from tests.service.conftest import free_port
 
 VIEWS = InferenceSpec(views="1x,1.25x:flip", batch_size=1, max_detections=20, view_score_thresh=0.0)
@@ -110,7 +111,9 @@ class Stack:
             self.sessions, Storage(self.root), model="models/teacher", unlabeled="data/unlabeled.json",
             unlabeled_images="data/images", labeled="data/labeled.json", inference=VIEWS,
             shard_size=shard_size,
-            enqueue=lambda job, index: self.celery.send_task("distill.infer_shard", args=[job, index]),
+            enqueue=lambda job, stage, index, queue: self.celery.send_task(
+                "distill.run_unit", args=[job, stage, index], queue=queue
+            ),
         )  # fmt: skip
 
     def wait(self, job_id: int, until, timeout: float = 600) -> Job:
@@ -136,8 +139,12 @@ def finished(job: Job) -> bool:
 
 
 def shard_lines(root: Path, job_id: int, count: int) -> list[dict]:
-    shards = [(root / f"jobs/{job_id}/shards/{i:05d}.jsonl").read_text().splitlines() for i in range(count)]
-    return [json.loads(t) for shard in shards for t in shard]
+    keys = RunLayout(f"jobs/{job_id}").round(1).shards(count)
+    return [json.loads(t) for key in keys for t in (root / key).read_text().splitlines()]
+
+
+def infer_units(job: Job) -> list[Shard]:
+    return [s for s in job.shards if s.stage == "infer"]
 
 
 @pytest.mark.slow
@@ -151,8 +158,10 @@ def test_a_distill_job_through_celery_workers_equals_the_in_process_steps(
         assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
         with transaction(stack.sessions) as session:
             job = session.get(Job, job_id)
-            assert [s.state for s in job.shards] == ["done"] * 3 and job.progress_done == 24
-            assert all(s.attempts == 1 for s in job.shards) and job.metrics["kept_instances"] > 0
+            units = infer_units(job)
+            assert [s.state for s in units] == ["done"] * 3 and sum(s.done for s in units) == 24
+            assert all(s.attempts == 1 for s in job.shards) and job.plan == ["infer", "pseudo_label"]
+            assert job.metrics["pseudo_label"]["kept_instances"] > 0 and job.metrics["infer"]["images"] == 24
     finally:
         stack.close()
     root = stack.root
@@ -170,7 +179,8 @@ def test_a_distill_job_through_celery_workers_equals_the_in_process_steps(
     )  # fmt: skip
     steps.pseudo_label(pseudo)
     mine, theirs = (
-        json.loads(p.read_text()) for p in (root / f"jobs/{job_id}/pseudo.json", tmp_path / "pseudo.json")
+        json.loads(p.read_text())
+        for p in (root / f"jobs/{job_id}/round_1/pseudo.json", tmp_path / "pseudo.json")
     )
     assert mine["annotations"] == theirs["annotations"] and mine["images"] == theirs["images"]
 
@@ -184,16 +194,16 @@ def test_a_worker_killed_mid_shard_loses_no_image_and_labels_none_twice(
         job_id = stack.submit(shard_size=12)
 
         def running(job: Job) -> bool:
-            return any(s.state == "running" and s.lease_owner for s in job.shards)
+            return any(s.state == "running" and s.lease_owner for s in infer_units(job))
 
         job = stack.wait(job_id, running)
-        victim = next(s for s in job.shards if s.state == "running")
+        victim = next(s for s in infer_units(job) if s.state == "running")
         os.kill(int(victim.lease_owner.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process running it
         job = stack.wait(job_id, finished)
         assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
         with transaction(stack.sessions) as session:
             job = session.get(Job, job_id)
-            attempts = {s.index: s.attempts for s in job.shards}
+            attempts = {s.index: s.attempts for s in infer_units(job)}
         assert (
             attempts[victim.index] == 2 and sum(attempts.values()) == 3
         )  # redelivered once, after its lease
@@ -202,7 +212,7 @@ def test_a_worker_killed_mid_shard_loses_no_image_and_labels_none_twice(
     lines = shard_lines(stack.root, job_id, 2)
     unlabeled = json.loads((tiny_data / "unlabeled.json").read_text())["images"]
     assert [line["image_id"] for line in lines] == [im["id"] for im in unlabeled]
-    pseudo = json.loads((stack.root / f"jobs/{job_id}/pseudo.json").read_text())
+    pseudo = json.loads((stack.root / f"jobs/{job_id}/round_1/pseudo.json").read_text())
     assert sorted(im["id"] for im in pseudo["images"]) == sorted(im["id"] for im in unlabeled)
 
 
@@ -215,14 +225,14 @@ def test_a_cancel_stops_the_running_shard_and_ends_the_job_cancelled(
     stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=8)
     try:
         job_id = stack.submit(shard_size=6)  # 4 shards, one worker
-        stack.wait(job_id, lambda job: any(s.state == "running" for s in job.shards))
+        stack.wait(job_id, lambda job: any(s.state == "running" for s in infer_units(job)))
         with transaction(stack.sessions) as session:
             assert ledger.request_cancel(session, job_id=job_id)
         job = stack.wait(job_id, finished, timeout=120)
         assert job.state == "cancelled" and job.finished_at is not None
         with transaction(stack.sessions) as session:
-            states = [s.state for s in session.get(Job, job_id).shards]
+            states = [s.state for s in infer_units(session.get(Job, job_id))]
         assert "queued" in states and states.count("done") < 4  # the rest never ran
-        assert not (stack.root / f"jobs/{job_id}/pseudo.json").exists()
+        assert not (stack.root / f"jobs/{job_id}/round_1/pseudo.json").exists()
     finally:
         stack.close()
