@@ -34,7 +34,7 @@ from distill.pseudo.make import load_predictions, make_pseudo_labels
 from distill.specs import EvaluateSpec, InferSpec, PseudoLabelSpec, StepResult, TrainSpec
 from distill.storage import Storage
 from distill.tta.engine import FusionConfig, MultiViewEngine
-from distill.tta.stream import run_to_jsonl
+from distill.tta.stream import read_unreadable, run_to_jsonl
 from distill.tta.views import parse_views
 
 __all__ = ["LOCAL", "evaluate", "evaluate_model", "infer", "pseudo_label", "shard_slice", "train"]
@@ -240,11 +240,15 @@ def pseudo_label(
             warnings=calibration["warnings"],
         )
     entries: list[dict[str, Any]] = []
+    unreadable: list[int] = []
     for i, key in enumerate(spec.predictions):
         context.check_cancelled(
             f"pseudo-labels while reading predictions file {i + 1} of {len(spec.predictions)}"
         )
-        entries.extend(load_predictions(storage.local(key)))
+        local = storage.local(key)
+        entries.extend(load_predictions(local))
+        if local.suffix == ".jsonl":
+            unreadable.extend(read_unreadable(local))
         context.report("pseudo_label", i + 1, len(spec.predictions), "reading predictions")
     context.check_cancelled("pseudo-labels before calibrating (nothing written)")
     cal = spec.calibration
@@ -267,6 +271,7 @@ def pseudo_label(
         strict=cal.strict,
         provenance=spec.provenance,
         source=", ".join(spec.predictions),
+        unreadable=unreadable,
     )
     for key in (report_key, plot_key, spec.out):  # the pseudo-label file last: it marks completion
         storage.commit(key)

@@ -3,6 +3,7 @@ calibration report and plot beside it (``distill calibrate``, the ``pseudo_label
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from distill.models.files import file_sha256
 from distill.pseudo.calibrate import Calibration, calibrate
 from distill.pseudo.labels import build_pseudo_labels
 from distill.pseudo.plot import plot_calibration
-from distill.tta.stream import read_instances
+from distill.tta.stream import read_instances, read_unreadable
 
 
 def unlabeled_images(source: str | Path, images_dir: str | Path | None = None) -> list[dict[str, Any]]:
@@ -62,16 +63,26 @@ def make_pseudo_labels(
     strict: bool = False,
     provenance: dict[str, Any] | None = None,
     source: str | None = None,
+    unreadable: Collection[int] | None = None,
 ) -> Calibration:
     """Calibrate the threshold(s) and write the pseudo-label COCO file ``out`` plus the calibration artifacts
     ``OUT.calibration.json`` and ``OUT.calibration.png``. Under ``strict`` a health warning is an error (and
     nothing is written). ``source`` names the predictions in messages and provenance (default: their path).
+
+    ``unreadable``: ids of unlabeled images the teacher could not read (default: the ``error`` lines of a
+    ``.jsonl`` ``predictions``): left out of the pseudo-labels and of the per-image count, since an image
+    without a prediction would otherwise enter training as one with no objects.
 
     The calibration files come first and ``out`` last, so ``out`` existing means all three are complete.
     """
     out = Path(out)
     labeled = load_coco(labeled_json)
     images = unlabeled_images(unlabeled, unlabeled_images_dir)
+    if unreadable is None and not isinstance(predictions, list) and Path(predictions).suffix == ".jsonl":
+        unreadable = read_unreadable(predictions)
+    if unreadable:
+        skip = set(unreadable)
+        images = [im for im in images if im["id"] not in skip]
     if source is None:
         source = str(predictions) if not isinstance(predictions, list) else "predictions"
     entries = predictions if isinstance(predictions, list) else load_predictions(predictions)

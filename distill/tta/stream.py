@@ -162,6 +162,11 @@ def _skipped(lines: list[dict]) -> list[tuple[str, str]]:
     return [(line["path"], line["error"]) for line in lines if "error" in line]
 
 
+def read_unreadable(path: str | Path) -> list[int]:
+    """Image ids of a JSON-lines file's images that could not be read (their lines carry an ``error``)."""
+    return [line["image_id"] for line in _read_lines(Path(path)) if "error" in line]
+
+
 def read_instances(path: str | Path) -> list[dict]:
     """Every fused instance of a JSON-lines file as a COCO result entry, its ``agreement`` kept."""
     return [dict(instance) for line in _read_lines(Path(path)) for instance in line.get("instances", [])]

@@ -121,6 +121,30 @@ def test_make_pseudo_labels_writes_the_file_and_the_calibration_artifacts(tmp_pa
     assert (tmp_path / "P.calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_image_the_teacher_could_not_read_is_not_pseudo_labeled(tmp_path: Path) -> None:
+    """A stream's ``error`` line (an unreadable image) keeps that image out of the file and the per-image
+    count: without a prediction it would otherwise train as an image with no objects."""
+    labeled, unlabeled, _ = _write_inputs(tmp_path)
+    stream = tmp_path / "R.jsonl"
+    lines = [
+        {"path": "u1.png", "file_name": "u1.png", "image_id": 1, "instances": predictions()[:1]},
+        {"path": "u2.png", "file_name": "u2.png", "image_id": 2, "instances": []},
+        {"path": "u3.png", "file_name": "u3.png", "image_id": 3, "error": "truncated file"},
+    ]
+    stream.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "P.json"
+    cal = make_pseudo_labels(stream, unlabeled=unlabeled, labeled_json=labeled, out=out, threshold=0.5)
+    assert [im["file_name"] for im in load_coco(out).images] == ["u1.png", "u2.png"]
+    assert cal.kept_per_image == pytest.approx(0.5)  # 1 instance over the 2 readable images, not 3
+
+    explicit = make_pseudo_labels(
+        predictions(), unlabeled=unlabeled, labeled_json=labeled, out=tmp_path / "Q.json", threshold=0.5,
+        unreadable=[2],
+    )  # fmt: skip
+    assert [im["file_name"] for im in load_coco(tmp_path / "Q.json").images] == ["u1.png", "u3.png"]
+    assert explicit.kept_instances == 1  # image 2 and its prediction are out
+
+
 def test_strict_mode_fails_on_a_health_warning_and_writes_nothing(tmp_path: Path) -> None:
     labeled, unlabeled, results = _write_inputs(tmp_path)
     out = tmp_path / "P.json"

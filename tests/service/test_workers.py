@@ -77,13 +77,22 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 class Stack:
-    """Storage with the tiny data and teacher, a migrated SQLite ledger, and one real Celery worker."""
+    """Storage with the tiny data and teacher, a migrated ledger (SQLite unless ``database``), and one real
+    Celery worker."""
 
-    def __init__(self, tmp_path: Path, tiny_data: Path, model: Path, redis_url: str, lease: float) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        tiny_data: Path,
+        model: Path,
+        redis_url: str,
+        lease: float,
+        database: str | None = None,
+    ) -> None:
         self.root = tmp_path / "storage"
         shutil.copytree(tiny_data, self.root / "data")
         shutil.copytree(model, self.root / "models" / "teacher")
-        self.database = f"sqlite:///{tmp_path / 'distill.db'}"
+        self.database = database or f"sqlite:///{tmp_path / 'distill.db'}"
         upgrade(self.database)
         self.env = env = {
             **os.environ,
@@ -234,5 +243,33 @@ def test_a_cancel_stops_the_running_shard_and_ends_the_job_cancelled(
             states = [s.state for s in infer_units(session.get(Job, job_id))]
         assert "queued" in states and states.count("done") < 4  # the rest never ran
         assert not (stack.root / f"jobs/{job_id}/round_1/pseudo.json").exists()
+    finally:
+        stack.close()
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_and_listed_until_the_error_budget(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, redis_url: str
+) -> None:
+    """One bad image of 24 (4 %, under the 5 % budget): skipped, listed with its reason, the job succeeds
+    with every other image labeled. Two (8 %): the job fails naming the budget and the files."""
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=120)
+    unlabeled = json.loads((tiny_data / "unlabeled.json").read_text())["images"]
+    first, second = (stack.root / "data" / "images" / unlabeled[i]["file_name"] for i in (5, 17))
+    try:
+        first.write_bytes(first.read_bytes()[:100])  # truncated after the upload checked it
+        job_id = stack.submit(shard_size=8)
+        job = stack.wait(job_id, finished)
+        assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
+        assert [s["name"] for s in job.skipped] == [unlabeled[5]["file_name"]] and job.skipped[0]["reason"]
+        pseudo = json.loads((stack.root / f"jobs/{job_id}/round_1/pseudo.json").read_text())
+        assert sorted(im["id"] for im in pseudo["images"]) == sorted(
+            im["id"] for i, im in enumerate(unlabeled) if i != 5
+        )
+
+        second.write_text("not an image")
+        failed = stack.wait(stack.submit(shard_size=8), finished)
+        assert failed.state == "failed" and "2 of 24 images could not be read" in failed.error
+        assert "DISTILL_ERROR_BUDGET" in failed.error and unlabeled[17]["file_name"] in failed.error
     finally:
         stack.close()
