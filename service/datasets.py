@@ -390,6 +390,30 @@ class UploadReport:
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
+class OverLimit(Exception):
+    """:func:`copy_hashed` read more than its limit."""
+
+
+def copy_hashed(
+    source: IO[bytes], out: IO[bytes], *, limit: int, on_chunk: Callable[[int], None] | None = None
+) -> tuple[str, int]:
+    """Copy ``source`` into the open file ``out`` in :data:`CHUNK` pieces (never whole in memory), hashing
+    them, then fsync it: ``(sha256, size)``. :class:`OverLimit` as soon as more than ``limit`` bytes came."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := source.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise OverLimit
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+        digest.update(chunk)
+        out.write(chunk)
+    out.flush()
+    os.fsync(out.fileno())
+    return digest.hexdigest(), size
+
+
 def _fmt_bytes(value: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if value >= size:
@@ -423,26 +447,18 @@ class _Ingest:
         """Copy ``source`` into a staging file while hashing it; :class:`_MemberRejected` past the size
         limit or for an empty file."""
         temp = _temp_file(self.storage, _staging_dir(self.dataset_id))
-        digest = hashlib.sha256()
-        size = 0
         try:
             with temp.open("wb") as out:
-                while chunk := source.read(CHUNK):
-                    size += len(chunk)
-                    if size > MAX_IMAGE_BYTES:
-                        raise _MemberRejected(f"larger than the limit of {_fmt_bytes(MAX_IMAGE_BYTES)}")
-                    if on_chunk is not None:
-                        on_chunk(len(chunk))
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+                sha256, size = copy_hashed(source, out, limit=MAX_IMAGE_BYTES, on_chunk=on_chunk)
             if size == 0:
                 raise _MemberRejected("empty file (0 bytes)")
+        except OverLimit:
+            temp.unlink(missing_ok=True)
+            raise _MemberRejected(f"larger than the limit of {_fmt_bytes(MAX_IMAGE_BYTES)}") from None
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return _Staged(name, part, temp, digest.hexdigest(), size)
+        return _Staged(name, part, temp, sha256, size)
 
     def part(self, filename: str | None, source: IO[bytes]) -> None:
         """One multipart ``files`` part: an image or an archive of images."""

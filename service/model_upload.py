@@ -30,7 +30,6 @@ files; a failure in between removes the folder again. Whatever fails, the stagin
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -59,12 +58,13 @@ from distill.steps import MODEL_FILES
 from distill.storage import Storage
 from service.datasets import (
     _ZIP_READ_ERRORS,
-    CHUNK,
     MAX_COMPRESSION_RATIO,
     Conflict,
     NotFound,
+    OverLimit,
     _bomb,
     _fmt_bytes,
+    copy_hashed,
 )
 from service.db import transaction
 from service.models import Model
@@ -119,22 +119,14 @@ def _copy(
 ) -> str:
     """Copy ``source`` to the new file ``dest`` in chunks (fsync'ed); its sha256. :class:`InputError` past
     ``limit`` bytes or for an empty file."""
-    digest = hashlib.sha256()
-    size = 0
-    with dest.open("xb") as out:
-        while chunk := source.read(CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise InputError(f"{label}: larger than the limit of {_fmt_bytes(limit)}")
-            if on_chunk is not None:
-                on_chunk(len(chunk))
-            digest.update(chunk)
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with dest.open("xb") as out:
+            sha256, size = copy_hashed(source, out, limit=limit, on_chunk=on_chunk)
+    except OverLimit:
+        raise InputError(f"{label}: larger than the limit of {_fmt_bytes(limit)}") from None
     if size == 0:
         raise InputError(f"{label}: empty file (0 bytes)")
-    return digest.hexdigest()
+    return sha256
 
 
 # --------------------------------------------------------------------------------------------------

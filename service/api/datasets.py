@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import mimetypes
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
-from distill.errors import InputError
 from service import datasets
-from service.api.deps import Read, RuntimeDep, SessionDep, Write
+from service.api.deps import Read, RuntimeDep, SessionDep, Write, http_errors
 from service.models import Dataset, Image
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-T = TypeVar("T")
 DatasetKind = Literal["labeled", "unlabeled", "eval"]
 
 
@@ -93,23 +90,6 @@ def _public(dataset: Dataset) -> DatasetPublic:
     )  # fmt: skip
 
 
-_STATUS = (
-    (datasets.NotFound, status.HTTP_404_NOT_FOUND),
-    (datasets.Conflict, status.HTTP_409_CONFLICT),
-    (datasets.TooLarge, status.HTTP_413_CONTENT_TOO_LARGE),
-    (InputError, status.HTTP_422_UNPROCESSABLE_CONTENT),
-)
-
-
-def _call(work: Callable[[], T]) -> T:
-    """``work()``, its :class:`~distill.errors.InputError` s as HTTP errors with their message."""
-    try:
-        return work()
-    except InputError as error:
-        code = next(code for kind, code in _STATUS if isinstance(error, kind))
-        raise HTTPException(code, str(error)) from None
-
-
 def _dataset(session, dataset_id: int) -> Dataset:
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
@@ -119,7 +99,9 @@ def _dataset(session, dataset_id: int) -> Dataset:
 
 @router.post("", status_code=status.HTTP_201_CREATED, operation_id="create_dataset", dependencies=[Write])
 def create_dataset(body: DatasetCreate, session: SessionDep, runtime: RuntimeDep) -> DatasetPublic:
-    dataset = _call(lambda: datasets.create_dataset(session, runtime.storage, name=body.name, kind=body.kind))
+    dataset = http_errors(
+        lambda: datasets.create_dataset(session, runtime.storage, name=body.name, kind=body.kind)
+    )
     return _public(dataset)
 
 
@@ -154,7 +136,7 @@ def get_dataset(dataset_id: int, session: SessionDep) -> DatasetPublic:
     dependencies=[Write],
 )
 def delete_dataset(dataset_id: int, runtime: RuntimeDep) -> Response:
-    _call(lambda: datasets.delete_dataset(runtime.sessions, runtime.storage, dataset_id))
+    http_errors(lambda: datasets.delete_dataset(runtime.sessions, runtime.storage, dataset_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -169,7 +151,7 @@ def upload_images(
 ) -> UploadPublic:
     """200 with what was accepted and rejected (one bad file or member rejects only itself)."""
     parts = [(upload.filename, upload.file) for upload in files]
-    report = _call(lambda: datasets.ingest(runtime.sessions, runtime.storage, dataset_id, parts))
+    report = http_errors(lambda: datasets.ingest(runtime.sessions, runtime.storage, dataset_id, parts))
     return UploadPublic.model_validate({"accepted": report.accepted, "rejected": report.rejected})
 
 
@@ -179,7 +161,7 @@ def put_annotations(
     file: Annotated[UploadFile, File(description="a COCO json naming uploaded images")],
     runtime: RuntimeDep,
 ) -> DatasetPublic:
-    dataset = _call(
+    dataset = http_errors(
         lambda: datasets.put_annotations(
             runtime.sessions, runtime.storage, dataset_id, file.filename, file.file
         )

@@ -5,16 +5,37 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from distill.errors import InputError
 from distill.storage import Storage
 from service import auth
 from service.config import Settings
+from service.datasets import Conflict, NotFound, TooLarge
 from service.db import transaction
+
+T = TypeVar("T")
+
+_STATUS = (
+    (NotFound, status.HTTP_404_NOT_FOUND),
+    (Conflict, status.HTTP_409_CONFLICT),
+    (TooLarge, status.HTTP_413_CONTENT_TOO_LARGE),
+    (InputError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+)
+
+
+def http_errors(work: Callable[[], T]) -> T:
+    """``work()``, its :class:`~distill.errors.InputError` s as HTTP errors with their message (404 not
+    found, 409 conflict, 413 too large, 422 otherwise)."""
+    try:
+        return work()
+    except InputError as error:
+        code = next(code for kind, code in _STATUS if isinstance(error, kind))
+        raise HTTPException(code, str(error)) from None
 
 
 @dataclass

@@ -9,9 +9,8 @@ never blocks the event loop. Upload parts are Starlette ``UploadFile`` s (spoole
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
 from fastapi.responses import FileResponse
@@ -19,16 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from starlette.background import BackgroundTask
 
-from distill.errors import InputError
 from service import model_upload
-from service.api.deps import Read, RuntimeDep, SessionDep, Write
-from service.datasets import NAME_PATTERN, Conflict, NotFound, TooLarge
+from service.api.deps import Read, RuntimeDep, SessionDep, Write, http_errors
+from service.datasets import NAME_PATTERN
 from service.models import Model
 from service.registry import lineage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
-T = TypeVar("T")
 
 
 class ModelUpload(BaseModel):
@@ -93,23 +89,6 @@ def _public(session, model: Model) -> ModelPublic:
     )  # fmt: skip
 
 
-_STATUS = (
-    (NotFound, status.HTTP_404_NOT_FOUND),
-    (Conflict, status.HTTP_409_CONFLICT),
-    (TooLarge, status.HTTP_413_CONTENT_TOO_LARGE),
-    (InputError, status.HTTP_422_UNPROCESSABLE_CONTENT),
-)
-
-
-def _call(work: Callable[[], T]) -> T:
-    """``work()``, its :class:`~distill.errors.InputError` s as HTTP errors with their message."""
-    try:
-        return work()
-    except InputError as error:
-        code = next(code for kind, code in _STATUS if isinstance(error, kind))
-        raise HTTPException(code, str(error)) from None
-
-
 def _model(session, model_id: int) -> Model:
     model = session.get(Model, model_id)
     if model is None:
@@ -154,7 +133,7 @@ def create_model(form: Annotated[ModelUpload, Form()], runtime: RuntimeDep) -> M
             categories=None if categories is None else (categories.filename, categories.file),
         )  # fmt: skip
 
-    model = _call(upload)
+    model = http_errors(upload)
     with runtime.sessions() as session:
         return _public(session, _model(session, model.id))
 
@@ -185,7 +164,7 @@ def download_model(model_id: int, session: SessionDep, runtime: RuntimeDep) -> F
     """A ``.tar.gz`` of the model's loading files in one folder ``{name}-v{version}`` (what
     ``POST /v1/models`` takes as ``archive``)."""
     model = _model(session, model_id)
-    path = _call(lambda: model_upload.write_model_archive(runtime.storage, model))
+    path = http_errors(lambda: model_upload.write_model_archive(runtime.storage, model))
     return FileResponse(
         path, media_type="application/gzip", filename=f"{model.name}-v{model.version}.tar.gz",
         background=BackgroundTask(Path(path).unlink, missing_ok=True),

@@ -1,7 +1,7 @@
 """The HTTP API served by a real uvicorn on a free loopback port, over a real Celery worker and Redis:
 tokens and scopes on every route (generated from the OpenAPI document), validation that names the field,
 and a pipeline job from uploaded datasets to its downloaded artifacts, with the API killed and restarted
-while the job runs."""
+while the job runs — on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -137,8 +137,10 @@ def test_a_pipeline_job_from_uploads_to_artifacts_survives_an_api_restart(
     tiny_data: Path,
     trained_tiny_model: Path,
     redis_url: str,  # noqa: F811
+    db_url: str,
 ) -> None:
-    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=120)
+    """Once on SQLite and once on a PostgreSQL cluster the tests start (``db_url``'s two params)."""
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=120, database=db_url)
     with transaction(stack.sessions) as session:
         writer = auth.create_token(session, scope="write")
         reader = auth.create_token(session, scope="read")
