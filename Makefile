@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/distill demo --out $(DEMO_DIR)
+	$(BIN)/python -m service.demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	bash tools/system_deps.sh

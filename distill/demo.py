@@ -28,6 +28,18 @@ def _synth_is_current(data_dir: Path, preset: str, seed: int) -> bool:
     return info.get("seed") == seed and info.get("preset_params") == expected
 
 
+def ensure_benchmark(
+    data_dir: str | Path, *, preset: str = "demo", seed: int = 0, context: StepContext = NULL_CONTEXT
+) -> Path:
+    """``data_dir`` holding the embedded benchmark of ``preset`` and ``seed``: synthesized unless it is
+    there already (``distill synth``'s layout: labeled / unlabeled / test json + images/)."""
+    data_dir = Path(data_dir)
+    if not _synth_is_current(data_dir, preset, seed):
+        logger.info("synthesizing the %r benchmark (seed %d) into %s", preset, seed, data_dir)
+        generate(data_dir, preset=preset, seed=seed, context=context)
+    return data_dir
+
+
 DEMO_SETTINGS: dict[str, Any] = {
     # One round on the embedded benchmark, aimed at 2 CPU cores (still ~20 min idle, over the 15 min aim; the
     # time goes to training and to 6 views x 800 images). Results: bench/RESULTS.md, "A whole round".
@@ -70,9 +82,7 @@ def run_demo(
     out = Path(out)
     data_dir = out / "data"
     started = time.perf_counter()
-    if not _synth_is_current(data_dir, preset, seed):
-        logger.info("synthesizing the %r benchmark (seed %d) into %s", preset, seed, data_dir)
-        generate(data_dir, preset=preset, seed=seed, context=context)
+    ensure_benchmark(data_dir, preset=preset, seed=seed, context=context)
     synth_minutes = (time.perf_counter() - started) / 60
     spec = json.loads(json.dumps(settings or DEMO_SETTINGS))
     if iterations is not None:

@@ -394,6 +394,8 @@ class Supervisor:
             worker_env = dict(env)
             if devices:
                 worker_env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+            elif count > 1 and "OMP_NUM_THREADS" not in env:  # CPU workers share the cores, not each all
+                worker_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
             self._add(f"gpu{i}", _worker_argv("gpu", f"gpu{i}"), worker_env, options.worker_stop_timeout)
         cpu_env = dict(env)
         if devices:
