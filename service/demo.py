@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,15 +87,15 @@ def demo_token(var: Path) -> str:
 def _link_images(data_dir: Path, split: str, dest: Path) -> Path:
     """``dest`` holding (hard links to) exactly the images of ``split``, named as its COCO file names."""
     coco = json.loads((data_dir / f"{split}.json").read_text(encoding="utf-8"))
+    shutil.rmtree(dest, ignore_errors=True)  # made anew: an earlier preset's or seed's images must not go up
     for image in coco["images"]:
         target = dest / image["file_name"]
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = data_dir / "images" / image["file_name"]
-            try:
-                os.link(source, target)
-            except OSError:  # another filesystem: a copy
-                target.write_bytes(source.read_bytes())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = data_dir / "images" / image["file_name"]
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem: a copy
+            shutil.copyfile(source, target)
     return dest
 
 
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=None, help="the teacher's training iterations")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the benchmark's synthesis says so
     try:
         summary = run_service_demo(args.out, preset=args.preset, seed=args.seed, iterations=args.iterations)
     except DemoError as error:

@@ -301,11 +301,8 @@ def complete_shard(
 def fail_shard(session: Session, *, lease: Lease, error: str, max_attempts: int) -> str:
     """Record a failed attempt: ``"requeued"`` while attempts remain, else ``"failed"`` (and the job fails
     with the shard's error); ``"lost"`` when the lease was no longer this owner's."""
-    shard = session.scalar(
-        select(Shard).where(
-            *_owned(lease),
-        )
-    )
+    # locked, so a claim of the same row (after the lease expired) waits for this and then sees it queued
+    shard = session.scalar(select(Shard).where(*_owned(lease)).with_for_update())
     if shard is None:
         return "lost"
     shard.error = error
@@ -324,7 +321,7 @@ def fail_shard(session: Session, *, lease: Lease, error: str, max_attempts: int)
 
 
 def _name(stage: str, index: int) -> str:
-    return f"shard {index}" if stage == "infer" else f"stage {stage}"
+    return f"{stage} shard {index}" if stage.partition("@")[0] == "infer" else f"stage {stage}"
 
 
 def sweep(
@@ -334,16 +331,22 @@ def sweep(
     units to enqueue again as ``(job_id, stage, index, queue)``: with ``all_queued`` (on start: what was in
     a lost broker, or never sent) every queued unit of an active job's current stage, else only the units
     this sweep put back (periodically: no duplicate tasks for units still waiting in the queue)."""
+    # row locks (PostgreSQL re-checks the condition on a row another transaction changed meanwhile), so a
+    # unit claimed again between this read and its write is skipped, never put back
     expired = session.scalars(
         select(Shard)
         .join(Job)
         .where(Shard.state == "running", Shard.lease_expires < now, Job.state.in_(ACTIVE))
         .order_by(Shard.job_id, Shard.stage, Shard.index)
+        .with_for_update(of=Shard)
     ).all()
     requeued: set[tuple[int, str, int]] = set()
     for shard in expired:
         shard.lease_owner, shard.lease_expires = None, None
-        if shard.attempts < max_attempts:
+        if shard.job.cancel_requested:  # its worker is gone: nobody else will record the cancel
+            shard.state = "queued"
+            finish_job(session, job_id=shard.job_id, state="cancelled")
+        elif shard.attempts < max_attempts:
             shard.state = "queued"
             requeued.add((shard.job_id, shard.stage, shard.index))
         else:
@@ -356,6 +359,7 @@ def sweep(
                 f"{shard.attempts} times",
             )
     session.flush()
+    _cancel_idle(session, now)
     queued = session.execute(
         select(Shard.job_id, Shard.stage, Shard.index, Shard.queue)
         .join(Job)
@@ -371,6 +375,17 @@ def sweep(
     return units if all_queued else [u for u in units if u[:3] in requeued]
 
 
+def _cancel_idle(session: Session, now: float) -> None:
+    """End ``cancelled`` the active jobs asked to cancel that no worker is running (a cancel that met the
+    end of a stage, or whose queued units were never delivered): no worker would ever record it."""
+    working = exists().where(Shard.job_id == Job.id, Shard.state == "running", Shard.lease_expires >= now)
+    idle = session.scalars(
+        select(Job.id).where(Job.state.in_(ACTIVE), Job.cancel_requested.is_(True), ~working)
+    ).all()
+    for job_id in idle:
+        finish_job(session, job_id=job_id, state="cancelled")
+
+
 def retry_job(session: Session, *, job_id: int) -> list[tuple[str, int, str]] | None:
     """Put a failed or cancelled job back in the queue where it stopped: its unfinished units queued with
     fresh attempts (the steps find their finished outputs and checkpoints and resume). Returns the current
@@ -382,6 +397,17 @@ def retry_job(session: Session, *, job_id: int) -> list[tuple[str, int, str]] | 
         if shard.state != "done":
             shard.state, shard.attempts, shard.lease_owner, shard.lease_expires = "queued", 0, None, None
     job.state, job.cancel_requested, job.error, job.finished_at = "queued", False, None, None
+    plan = list(job.plan or [])
+    # a job stopped after its stage's last unit completed (a cancel at that moment) has a current stage with
+    # nothing left to run: it goes on from the first stage with unfinished units
+    while job.stage in plan and all(s.state == "done" for s in job.shards if s.stage == job.stage):
+        after = plan[plan.index(job.stage) + 1 :]
+        if not after:
+            job.stage = "done"
+            session.flush()
+            finish_job(session, job_id=job_id, state="succeeded")
+            return []
+        job.stage = after[0]
     session.flush()
     return [(s.stage, s.index, s.queue) for s in job.shards if s.stage == job.stage and s.state == "queued"]
 

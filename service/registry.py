@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.models import Job, Model
@@ -29,17 +30,22 @@ def register_model(
     info: dict[str, Any] | None = None,
 ) -> Model:
     """The model at storage ``key`` as the next version of ``name`` (or its existing row)."""
-    existing = session.scalar(select(Model).where(Model.key == key))
-    if existing is not None:
-        return existing
-    version = (session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
-    model = Model(
-        name=name, version=version, key=key, backend=backend, source=source, role=role, job_id=job_id,
-        parent_id=parent_id, datasets=datasets or {}, info=info or {},
-    )  # fmt: skip
-    session.add(model)
-    session.flush()
-    return model
+    for _ in range(10):  # two registrations of one name at once: the loser takes the next version
+        existing = session.scalar(select(Model).where(Model.key == key))
+        if existing is not None:
+            return existing
+        version = (session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
+        model = Model(
+            name=name, version=version, key=key, backend=backend, source=source, role=role, job_id=job_id,
+            parent_id=parent_id, datasets=datasets or {}, info=info or {},
+        )  # fmt: skip
+        try:
+            with session.begin_nested():  # a savepoint: a unique violation undoes only this insert
+                session.add(model)
+        except IntegrityError:
+            continue
+        return model
+    raise RuntimeError(f"model {name!r}: no free version after 10 tries")
 
 
 def model_by_key(session: Session, key: str) -> Model | None:

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from distill.errors import Cancelled, DistillError
 from distill.hooks import ProgressEvent, StepContext
@@ -79,11 +80,16 @@ class _Heartbeat:
     def __call__(self) -> bool:
         now = time.time()
         if not self.stop and now - self.last >= min(2.0, self.lease_seconds / 4):
-            with transaction(self.sessions) as session:
-                self.stop = not ledger.heartbeat(
-                    session, lease=self.lease, now=now, lease_seconds=self.lease_seconds,
-                    progress=self.progress,
-                )  # fmt: skip
+            try:
+                with transaction(self.sessions) as session:
+                    self.stop = not ledger.heartbeat(
+                        session, lease=self.lease, now=now, lease_seconds=self.lease_seconds,
+                        progress=self.progress,
+                    )  # fmt: skip
+            except SQLAlchemyError:  # a busy or briefly unreachable database: go on, try at the next check
+                logger.warning(
+                    "heartbeat of %s failed; retrying at the next check", self.lease, exc_info=True
+                )
             self.last = now
         return self.stop
 
@@ -108,6 +114,7 @@ def run_unit(self, job_id: int, stage: str, index: int) -> None:
         # done, not the current stage, cancelled, gone, or out of attempts (the sweep fails that job)
         logger.info("unit %s/%d of job %d is not ours to run", stage, index, job_id)
         _end_if_cancelled(sessions, job_id)
+        _resend_after_lost_advance(sessions, job_id, stage)
         return
     heartbeat = _Heartbeat(sessions, lease, settings.lease_seconds)
     context = StepContext(progress=heartbeat.on_progress, should_cancel=heartbeat)
@@ -134,22 +141,40 @@ def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages
     with transaction(sessions) as session:
         if not ledger.holds(session, lease=lease):
             return  # another worker owns this unit now: it records the same outcome
-        job = session.get(Job, lease.job_id)
+        # the job row locked before its JSON fields are read: two units completing together (PostgreSQL)
+        # each merge into what the other wrote, instead of the second overwriting the first
+        job = session.get(Job, lease.job_id, with_for_update=True, populate_existing=True)
+        if _over_error_budget(session, job, outcome, settings.error_budget):
+            return  # nothing of this unit recorded: a retry runs it again from scratch
         _record(job, lease.stage, outcome)
         register_job_models(session, job, outcome.models)
         if outcome.scored_model is not None:
             eval_dataset = (job.spec.get("datasets") or {}).get("eval", "eval")
             record_metrics(session, outcome.scored_model, eval_dataset, outcome.metrics)
-        if _over_error_budget(session, job, settings.error_budget):
-            return
         if outcome.stop:
             ledger.finish_job(session, job_id=job.id, state="succeeded", metrics=job.metrics)
         advance = ledger.complete_shard(session, lease=lease, output_key=outcome.output_key)
         if advance is not None and advance.stage is None:
             ledger.finish_job(session, job_id=job.id, state="succeeded", metrics=job.metrics)
-    if advance is not None and advance.stage is not None:
+    if advance is None:
+        _end_if_cancelled(sessions, lease.job_id)  # a cancel that met the stage's last unit
+    elif advance.stage is not None:
         for index, queue in advance.units:
             send_unit(lease.job_id, advance.stage, index, queue)
+
+
+def _resend_after_lost_advance(sessions, job_id: int, stage: str) -> None:
+    """A unit delivered again after it was done: its worker may have died between committing the advance
+    and sending the next stage. Send the current stage's queued units again (a unit already in the broker
+    then runs once: the second delivery finds it claimed or done)."""
+    with transaction(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state not in ledger.ACTIVE or job.cancel_requested or job.stage == stage:
+            return
+        current = job.stage
+        units = [(s.index, s.queue) for s in job.shards if s.stage == current and s.state == "queued"]
+    for index, queue in units:
+        send_unit(job_id, current, index, queue)
 
 
 def _record(job: Job, stage: str, outcome: stages.Outcome) -> None:
@@ -167,20 +192,25 @@ def _record(job: Job, stage: str, outcome: stages.Outcome) -> None:
     job.metrics = metrics
 
 
-def _over_error_budget(session, job: Job, budget: float) -> bool:
-    """Fail the job when more than ``budget`` of its unlabeled images could not be read (one bad image
-    never fails a job); True when it did."""
-    if not job.skipped:
+def _over_error_budget(session, job: Job, outcome: stages.Outcome, budget: float) -> bool:
+    """Fail the job when more than ``budget`` of its unlabeled images could not be read, counting this
+    unit's (one bad image never fails a job); True when it did."""
+    skipped = [
+        *job.skipped,
+        *(s for s in outcome.skipped if s["name"] not in {k["name"] for k in job.skipped}),
+    ]
+    if not skipped:
         return False
     total = session.scalar(
         select(func.coalesce(func.sum(Shard.images), 0)).where(Shard.job_id == job.id, Shard.stage == "infer")
     )
-    if not total or len(job.skipped) <= budget * total:
+    if not total or len(skipped) <= budget * total:
         return False
-    names = ", ".join(f"{s['name']} ({s['reason']})" for s in job.skipped[:5])
+    job.skipped = skipped
+    names = ", ".join(f"{s['name']} ({s['reason']})" for s in skipped[:5])
     ledger.finish_job(
         session, job_id=job.id, state="failed",
-        error=f"{len(job.skipped)} of {total} images could not be read, over the error budget of "
+        error=f"{len(skipped)} of {total} images could not be read, over the error budget of "
         f"{budget:.0%} (DISTILL_ERROR_BUDGET): {names}",
     )  # fmt: skip
     return True

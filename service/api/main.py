@@ -9,9 +9,11 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sqlalchemy import text
+from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
 from distill.storage import Storage
@@ -87,6 +89,14 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="distill", lifespan=lifespan, generate_unique_id_function=_operation_id)
+
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(DataError)
+    async def out_of_range(request: Request, exc: Exception) -> JSONResponse:
+        # an id or number the database cannot hold (SQLite: OverflowError, PostgreSQL: DataError)
+        return JSONResponse(
+            {"detail": f"{request.url.path}: a number is out of range (ids are 1 .. 2**63-1)"}, 422
+        )
 
     @app.get("/healthz", operation_id="healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -188,4 +188,36 @@ def test_a_shard_that_keeps_failing_fails_its_job_with_the_error(sessions) -> No
         assert outcome == ("requeued" if attempt == 1 else "failed")
     with transaction(sessions) as session:
         job = session.get(Job, job_id)
-        assert job.state == "failed" and job.error == "shard 0 failed 2 times; last error: CUDA out of memory"
+        assert job.state == "failed"
+        assert job.error == "infer shard 0 failed 2 times; last error: CUDA out of memory"
+
+
+def test_a_cancel_no_worker_will_record_is_ended_by_the_sweep_and_a_retry_goes_on_after_it(sessions) -> None:
+    """A cancel that meets the stage's last unit (the stage is done, the job may not advance) or whose
+    worker died: no worker would ever write "cancelled", so the sweep does; a retry then resumes at the
+    first stage with work left."""
+    job_id = new_job(sessions, shards=2)
+    first, last = claim(sessions, job_id, 0, "a"), claim(sessions, job_id, 1, "b")
+    with transaction(sessions) as session:
+        ledger.complete_shard(session, lease=first, output_key="a")
+        assert ledger.request_cancel(session, job_id=job_id)
+        assert ledger.complete_shard(session, lease=last, output_key="b") is None
+    with transaction(sessions) as session:
+        assert ledger.sweep(session, now=1001.0, max_attempts=3) == []
+        job = session.get(Job, job_id)
+        assert (job.state, job.stage) == ("cancelled", "infer")
+    with transaction(sessions) as session:
+        assert ledger.retry_job(session, job_id=job_id) == [("pseudo_label", 0, "cpu")]
+        job = session.get(Job, job_id)
+        assert (job.state, job.stage, job.cancel_requested) == ("queued", "pseudo_label", False)
+
+    other = new_job(sessions, shards=1)
+    claim(sessions, other, 0, "dies", now=1000.0)
+    with transaction(sessions) as session:
+        assert ledger.request_cancel(session, job_id=other)
+        ledger.sweep(session, now=1030.0, max_attempts=3)  # its lease still holds: its worker may stop it
+        assert session.get(Job, other).state == "running"
+    with transaction(sessions) as session:
+        units = ledger.sweep(session, now=1061.0, max_attempts=3)
+        assert units == [(job_id, "pseudo_label", 0, "cpu")]  # the retried job's, none of the cancelled
+        assert session.get(Job, other).state == "cancelled"

@@ -358,6 +358,22 @@ def test_datasets_table(cli, service: Service, tiny_data: Path) -> None:
 # ---- the client alone, over httpx's mock transport ----
 
 
+def test_ids_the_database_cannot_hold_are_a_422_not_a_500(service: Service) -> None:
+    huge = 2**70
+    headers = {"Authorization": f"Bearer {service.writer}"}
+    with httpx.Client(base_url=service.url, headers=headers) as client:
+        for method, path, body in [
+            ("GET", f"/v1/jobs/{huge}", None),
+            ("GET", f"/v1/datasets/{huge}", None),
+            ("GET", f"/v1/models/{huge}", None),
+            ("POST", "/v1/jobs", {"type": "distill", "labeled": huge, "unlabeled": huge, "teacher": huge}),
+        ]:
+            answer = client.request(method, path, json=body)
+            assert answer.status_code == 422, (path, answer.text)
+            assert "out of range" in answer.json()["detail"], path
+        assert client.get("/v1/jobs/12345").status_code == 404  # an id in range is still just missing
+
+
 def test_event_stream_parsing() -> None:
     lines = ["event: job", 'data: {"a":', "data: 1}", "", ": ping", "", "event: end", "data: {}", "id: 3"]
     events = list(parse_events(iter(lines)))
