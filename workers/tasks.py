@@ -165,14 +165,19 @@ def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages
 
 def _resend_after_lost_advance(sessions, job_id: int, stage: str) -> None:
     """A unit delivered again after it was done: its worker may have died between committing the advance
-    and sending the next stage. Send the current stage's queued units again (a unit already in the broker
-    then runs once: the second delivery finds it claimed or done)."""
+    and sending the next stage. While that next stage has not started, send its units again (one already
+    in the broker then runs once: the second delivery finds it claimed or done)."""
     with transaction(sessions) as session:
         job = session.get(Job, job_id)
         if job is None or job.state not in ledger.ACTIVE or job.cancel_requested or job.stage == stage:
             return
-        current = job.stage
-        units = [(s.index, s.queue) for s in job.shards if s.stage == current and s.state == "queued"]
+        current, plan = job.stage, list(job.plan or [])
+        if stage not in plan or plan[plan.index(stage) + 1 : plan.index(stage) + 2] != [current]:
+            return  # not the stage just before the current one: that advance was not this unit's
+        waiting = [s for s in job.shards if s.stage == current]
+        if any(s.attempts or s.state != "queued" for s in waiting):
+            return  # the current stage has started: its tasks arrived
+        units = [(s.index, s.queue) for s in waiting]
     for index, queue in units:
         send_unit(job_id, current, index, queue)
 

@@ -273,3 +273,39 @@ def test_unreadable_images_are_skipped_and_listed_until_the_error_budget(
         assert "DISTILL_ERROR_BUDGET" in failed.error and unlabeled[17]["file_name"] in failed.error
     finally:
         stack.close()
+
+
+def test_a_redelivered_done_unit_resends_the_next_stage_only_while_it_has_not_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker that advanced a job may die before sending the next stage; the redelivery of its (done)
+    unit sends it, once: after the next stage's first claim nothing is sent again."""
+    from service import ledger
+    from workers import tasks
+
+    database = f"sqlite:///{tmp_path / 'distill.db'}"
+    upgrade(database)
+    engine = make_engine(database)
+    sessions = session_factory(engine)
+    sent: list[tuple] = []
+    monkeypatch.setattr(tasks, "send_unit", lambda *unit, **_: sent.append(unit))
+    try:
+        with transaction(sessions) as session:
+            job_id = ledger.create_job(session, type="distill", spec={}, shard_images=[4]).id
+        with transaction(sessions) as session:
+            lease = ledger.claim_shard(session, job_id=job_id, stage="infer", index=0, owner="w", now=1.0,
+                                       lease_seconds=60, max_attempts=3)  # fmt: skip
+            advance = ledger.complete_shard(session, lease=lease, output_key="k", now=2.0)
+            assert advance.stage == "pseudo_label"
+        # ... and the worker died here, before sending pseudo_label
+        tasks._resend_after_lost_advance(sessions, job_id, "pseudo_label")  # not the stage before: nothing
+        assert sent == []
+        tasks._resend_after_lost_advance(sessions, job_id, "infer")
+        assert sent == [(job_id, "pseudo_label", 0, "cpu")]
+        with transaction(sessions) as session:
+            ledger.claim_shard(session, job_id=job_id, stage="pseudo_label", index=0, owner="w2", now=3.0,
+                               lease_seconds=60, max_attempts=3)  # fmt: skip
+        tasks._resend_after_lost_advance(sessions, job_id, "infer")
+        assert len(sent) == 1
+    finally:
+        engine.dispose()
