@@ -144,8 +144,9 @@ def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages
         # the job row locked before its JSON fields are read: two units completing together (PostgreSQL)
         # each merge into what the other wrote, instead of the second overwriting the first
         job = session.get(Job, lease.job_id, with_for_update=True, populate_existing=True)
-        if _over_error_budget(session, job, outcome, settings.error_budget):
-            return  # nothing of this unit recorded: a retry runs it again from scratch
+        job.skipped = _merged_skipped(job, outcome)  # kept when they fail the job: they are its reason
+        if _over_error_budget(session, job, settings.error_budget):
+            return  # nothing else of this unit recorded: a retry runs it again from scratch
         _record(job, lease.stage, outcome)
         register_job_models(session, job, outcome.models)
         if outcome.scored_model is not None:
@@ -183,11 +184,8 @@ def _resend_after_lost_advance(sessions, job_id: int, stage: str) -> None:
 
 
 def _record(job: Job, stage: str, outcome: stages.Outcome) -> None:
-    """Merge a unit's warnings, skipped images and metrics into its job (metrics of a sharded stage are
-    summed: images)."""
+    """Merge a unit's warnings and metrics into its job (metrics of a sharded stage are summed: images)."""
     job.warnings = list(dict.fromkeys([*job.warnings, *outcome.warnings]))  # a retried unit says it again
-    seen = {s["name"] for s in job.skipped}
-    job.skipped = [*job.skipped, *(s for s in outcome.skipped if s["name"] not in seen)]
     metrics: dict[str, Any] = dict(job.metrics or {})
     if stage in metrics and stages.parse_stage(stage)[0] == "infer":
         before = metrics[stage]
@@ -197,13 +195,16 @@ def _record(job: Job, stage: str, outcome: stages.Outcome) -> None:
     job.metrics = metrics
 
 
-def _over_error_budget(session, job: Job, outcome: stages.Outcome, budget: float) -> bool:
-    """Fail the job when more than ``budget`` of its unlabeled images could not be read, counting this
-    unit's (one bad image never fails a job); True when it did."""
-    skipped = [
-        *job.skipped,
-        *(s for s in outcome.skipped if s["name"] not in {k["name"] for k in job.skipped}),
-    ]
+def _merged_skipped(job: Job, outcome: stages.Outcome) -> list[dict[str, Any]]:
+    """The job's skipped images and the unit's, each name once (a retried unit reports its own again)."""
+    seen = {s["name"] for s in job.skipped}
+    return [*job.skipped, *(s for s in outcome.skipped if s["name"] not in seen)]
+
+
+def _over_error_budget(session, job: Job, budget: float) -> bool:
+    """Fail the job when more than ``budget`` of its unlabeled images could not be read (one bad image
+    never fails a job); True when it did."""
+    skipped = job.skipped
     if not skipped:
         return False
     total = session.scalar(
@@ -211,7 +212,6 @@ def _over_error_budget(session, job: Job, outcome: stages.Outcome, budget: float
     )
     if not total or len(skipped) <= budget * total:
         return False
-    job.skipped = skipped
     names = ", ".join(f"{s['name']} ({s['reason']})" for s in skipped[:5])
     ledger.finish_job(
         session, job_id=job.id, state="failed",

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from service import datasets
-from service.api.deps import Read, RuntimeDep, SessionDep, Write, http_errors
+from service.api.deps import Read, RuntimeDep, SessionDep, Write, get_or_404, http_errors, page
 from service.models import Dataset, Image
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -91,10 +91,7 @@ def _public(dataset: Dataset) -> DatasetPublic:
 
 
 def _dataset(session, dataset_id: int) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} does not exist")
-    return dataset
+    return get_or_404(session, Dataset, dataset_id, "dataset")
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, operation_id="create_dataset", dependencies=[Write])
@@ -119,8 +116,7 @@ def list_datasets(
         query = query.where(Dataset.name == name)
     if kind is not None:
         query = query.where(Dataset.kind == kind)
-    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Dataset.id).offset(offset).limit(limit)).all()
+    rows, count = page(session, query, Dataset.id, offset, limit)
     return DatasetsPublic(data=[_public(d) for d in rows], count=count)
 
 

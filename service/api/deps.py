@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from distill.errors import InputError
@@ -36,6 +37,23 @@ def http_errors(work: Callable[[], T]) -> T:
     except InputError as error:
         code = next(code for kind, code in _STATUS if isinstance(error, kind))
         raise HTTPException(code, str(error)) from None
+
+
+M = TypeVar("M")
+
+
+def get_or_404(session: Session, model: type[M], row_id: int, what: str) -> M:
+    """The ``model`` row ``row_id``, or a 404 saying ``{what} {row_id} does not exist``."""
+    row = session.get(model, row_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{what} {row_id} does not exist")
+    return row
+
+
+def page(session: Session, query: Select[Any], order: Any, offset: int, limit: int) -> tuple[list[Any], int]:
+    """One page of ``query``'s rows in ``order``, and how many rows it has in all (``{data, count}``)."""
+    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    return list(session.scalars(query.order_by(order).offset(offset).limit(limit)).all()), count
 
 
 @dataclass

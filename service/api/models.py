@@ -15,11 +15,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, HTTPException, Query, UploadFile, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from service import model_upload
-from service.api.deps import Read, RuntimeDep, SessionDep, Write, http_errors
+from service.api.deps import Read, RuntimeDep, SessionDep, Write, get_or_404, http_errors, page
 from service.datasets import NAME_PATTERN
 from service.models import Model
 from service.registry import lineage
@@ -90,10 +90,7 @@ def _public(session, model: Model) -> ModelPublic:
 
 
 def _model(session, model_id: int) -> Model:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} does not exist")
-    return model
+    return get_or_404(session, Model, model_id, "model")
 
 
 def _unprocessable(detail: str) -> HTTPException:
@@ -149,8 +146,7 @@ def list_models(
     query = select(Model)
     if name is not None:
         query = query.where(Model.name == name)
-    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Model.id.desc()).offset(offset).limit(limit)).all()
+    rows, count = page(session, query, Model.id.desc(), offset, limit)
     return ModelsPublic(data=[_public(session, m) for m in rows], count=count)
 
 

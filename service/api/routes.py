@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -21,7 +21,7 @@ from distill.pipeline import EvaluationSpec, StudentSpec
 from distill.recipes import RECIPES
 from distill.specs import CalibrationSpec, InferenceSpec
 from service import ledger
-from service.api.deps import Read, RuntimeDep, SessionDep, Write, WriteToken
+from service.api.deps import Read, RuntimeDep, SessionDep, Write, WriteToken, get_or_404, page
 from service.api.submit import submit_job
 from service.db import transaction
 from service.models import Job
@@ -186,10 +186,7 @@ def _public(job: Job) -> JobPublic:
 
 
 def _job(session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist")
-    return job
+    return get_or_404(session, Job, job_id, "job")
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, operation_id="create_job")
@@ -216,8 +213,7 @@ def list_jobs(
         query = query.where(Job.state == state)
     if type is not None:
         query = query.where(Job.type == type)
-    count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    jobs = session.scalars(query.order_by(Job.id.desc()).offset(offset).limit(limit)).all()
+    jobs, count = page(session, query, Job.id.desc(), offset, limit)
     return JobsPublic(data=[_public(j) for j in jobs], count=count)
 
 
