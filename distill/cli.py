@@ -166,6 +166,14 @@ def predict(
             "the free GPU memory or a quarter of the available RAM); views that do not fit are recomputed",
         ),
     ] = None,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            metavar="KEY_OR_DIR",
+            help="multi-view: keep each image's fused prediction under this folder, by model, settings and "
+            "image sha256; an image found there is not inferred again",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Run a model on images and write COCO results (multi-view: plus OUT.views.json with agreement)."""
@@ -176,6 +184,9 @@ def predict(
     started = time.perf_counter()
     if views == "none":
         from distill.predict import Skipped, predict_coco
+
+        if cache is not None:
+            raise InputError("--cache: only multi-view inference is cached; give --views (e.g. paper)")
 
         refs = iter_image_refs(images, images_dir=images_dir)
         detector = load_model(model, device=_device(device))
@@ -195,7 +206,7 @@ def predict(
             views=views, fusion=fusion, batch_size=batch_size, max_detections=max_detections,
             view_score_thresh=score_thresh, feature_cache_mb=feature_cache_mb,
         )  # fmt: skip
-        results, skipped = _predict_views(model, images, images_dir, out, inference, _device(device))
+        results, skipped = _predict_views(model, images, images_dir, out, inference, _device(device), cache)
         images_done = len(iter_image_refs(images, images_dir=images_dir)) - len(skipped)
     write_json_atomic(out, results)
     seconds = time.perf_counter() - started
@@ -205,10 +216,11 @@ def predict(
 
 
 def _predict_views(
-    model: Path, images: Path, images_dir: Path | None, out: Path, inference, device: str
+    model: Path, images: Path, images_dir: Path | None, out: Path, inference, device: str, cache: str | None
 ) -> tuple[list[dict], list[tuple[str, str]]]:
     """Multi-view predict through the ``infer`` step: the fused results (with agreement), also written as
-    ``OUT.jsonl`` (the resumable stream) and ``OUT.views.json`` (view set, fusion, agreement, skipped)."""
+    ``OUT.jsonl`` (the resumable stream) and ``OUT.views.json`` (view set, fusion, agreement, skipped);
+    ``cache``: the step's inference cache (see :attr:`distill.specs.InferSpec.cache`)."""
     from distill import steps
     from distill.io import write_json_atomic
     from distill.specs import InferSpec
@@ -222,8 +234,13 @@ def _predict_views(
         out=str(lines),
         inference=inference,
         device=device,
+        cache=cache,
     )
     result = steps.infer(spec, context=_cli_context())
+    if cache is not None and not result.reused:
+        typer.echo(
+            f"inference cache: {result.info['cached']} images cached, {result.info['inferred']} inferred"
+        )
     for warning in result.warnings:
         if not warning.startswith("skipped "):
             typer.echo(f"note: {warning}", err=True)

@@ -214,9 +214,16 @@ def teacher_train_spec(
 
 
 def infer_spec(
-    config: PipelineConfig, teacher: str, out: str, *, shard: tuple[int, int] = (0, 1), device: str = "cpu"
+    config: PipelineConfig,
+    teacher: str,
+    out: str,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    device: str = "cpu",
+    cache: str | None = None,
 ) -> InferSpec:
-    """Shard ``shard`` of the teacher's multi-view inference on the unlabeled set."""
+    """Shard ``shard`` of the teacher's multi-view inference on the unlabeled set (``cache``: the
+    :attr:`InferSpec.cache` prefix its per-image predictions are kept under; None: none)."""
     data = config.data
     return InferSpec(
         model=teacher,
@@ -226,6 +233,7 @@ def infer_spec(
         shard=shard,
         inference=config.inference,
         device=device,
+        cache=cache,
     )
 
 

@@ -73,7 +73,12 @@ class TrainSpec(_Strict):
 
 class InferSpec(_Strict):
     """Fused multi-view predictions of ``model`` on shard ``shard[0]`` of ``shard[1]`` of ``images``, as
-    JSON lines at ``out``. Shards are contiguous slices of the image list in its order."""
+    JSON lines at ``out``. Shards are contiguous slices of the image list in its order.
+
+    ``cache``: a storage key prefix under which each image's fused prediction is kept, by the model files,
+    the settings that change the output and the image's sha256 (see :func:`distill.steps.infer`); an image
+    found there is not run again. None: nothing is cached.
+    """
 
     model: str
     images: str  # COCO json or image folder
@@ -82,6 +87,7 @@ class InferSpec(_Strict):
     shard: tuple[int, int] = (0, 1)
     inference: InferenceSpec = InferenceSpec()
     device: str = "cpu"
+    cache: str | None = None
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> InferSpec:

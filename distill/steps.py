@@ -16,7 +16,10 @@ A round is these steps in order (see :mod:`distill.pipeline`, which composes the
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +29,16 @@ from distill.data.images import ImageRef, iter_image_refs
 from distill.errors import Cancelled, InputError
 from distill.evaluate import evaluate as coco_evaluate
 from distill.hooks import NULL_CONTEXT, StepContext
-from distill.io import write_json_atomic
+from distill.io import write_json_atomic, write_text_atomic
 from distill.layout import calibration_files
 from distill.models.files import CONFIG_FILE, META_FILE, WEIGHTS_FILE, file_sha256, is_complete, read_meta
 from distill.predict import predict_coco
 from distill.pseudo.make import load_predictions, make_pseudo_labels
-from distill.specs import EvaluateSpec, InferSpec, PseudoLabelSpec, StepResult, TrainSpec
+from distill.specs import EvaluateSpec, InferenceSpec, InferSpec, PseudoLabelSpec, StepResult, TrainSpec
 from distill.storage import Storage
 from distill.tta.engine import FusionConfig, MultiViewEngine
-from distill.tta.stream import read_unreadable, run_to_jsonl
-from distill.tta.views import parse_views
+from distill.tta.stream import StreamResult, partial_path, read_unreadable, run_to_jsonl
+from distill.tta.views import ViewSet, parse_views
 
 __all__ = ["LOCAL", "evaluate", "evaluate_model", "infer", "pseudo_label", "shard_slice", "train"]
 
@@ -130,7 +133,12 @@ def shard_slice(count_items: int, shard: tuple[int, int]) -> slice:
 
 
 def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL_CONTEXT) -> StepResult:
-    """Fused multi-view predictions of one shard of images as JSON lines (see :mod:`distill.tta.stream`)."""
+    """Fused multi-view predictions of one shard of images as JSON lines (see :mod:`distill.tta.stream`).
+
+    With ``spec.cache`` (see :class:`_InferCache`) an image whose prediction is cached is not run again:
+    only the others go through the engine, streamed (and resumable) as ``OUT.misses`` instead of ``OUT``, and
+    are cached; the shard's file is then written in the images' order, line for line as without the cache.
+    """
     artifacts = {"predictions": spec.out}
     if storage.exists(spec.out):
         lines = [json.loads(text) for text in storage.local(spec.out).read_text().splitlines()]
@@ -138,7 +146,8 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
         info = {"images": len(lines), "skipped": len(skipped), "skipped_images": skipped}
         return StepResult(step="infer", artifacts=artifacts, reused=True, info=info)
     inference = spec.inference
-    detector = load_model(storage.local(spec.model, members=MODEL_FILES), device=spec.device)
+    model_dir = storage.local(spec.model, members=MODEL_FILES)
+    detector = load_model(model_dir, device=spec.device)
     views = parse_views(
         inference.views, test_size=detector.config.test_size, max_size=detector.config.max_size
     )
@@ -159,12 +168,19 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
         inference.views,
     )
     engine = MultiViewEngine(detector, views, fusion)
-    out = _stage_partial(storage, spec.out)
+    stream_key = spec.out if spec.cache is None else f"{spec.out}{MISSES_SUFFIX}"
+    stream = _stage_partial(storage, stream_key)
+    cached = 0
     try:
-        result = run_to_jsonl(engine, refs, out, batch_size=inference.batch_size, context=context)
+        if spec.cache is None:
+            result = run_to_jsonl(engine, refs, stream, batch_size=inference.batch_size, context=context)
+        else:
+            cache = _InferCache(storage, spec.cache, _cache_settings(model_dir, views, inference), context)
+            out = storage.output(spec.out)
+            result, cached = _infer_cached(engine, refs, stream, out, cache, inference.batch_size, context)
     except Cancelled:
         if not storage.is_local:
-            storage.commit(f"{spec.out}.partial")  # the lines so far: another worker resumes after them
+            storage.commit(f"{stream_key}.partial")  # the lines so far: another worker resumes after them
         raise
     storage.commit(spec.out)
     warnings = [f"skipped {path}: {reason}" for path, reason in result.skipped]
@@ -180,6 +196,8 @@ def infer(spec: InferSpec, storage: Storage = LOCAL, context: StepContext = NULL
         warnings=warnings,
         info={
             "images": result.images_done,
+            "cached": cached,
+            "inferred": result.images_done - cached - len(result.skipped),
             "views": views.to_dict(),
             "skipped": len(result.skipped),
             "skipped_images": [_skip(names.get(str(p), str(p)), why) for p, why in result.skipped],
@@ -221,6 +239,194 @@ def _shard_refs(storage: Storage, spec: InferSpec) -> list[ImageRef]:
 
 def _path_or_none(storage: Storage, key: str | None) -> str | None:
     return None if key is None else storage.path(key)
+
+
+# -- the inference cache ---------------------------------------------------------------------------------
+MISSES_SUFFIX = ".misses"  # with a cache: the stream of the images that were not cached
+CACHE_FORMAT = 1  # bump when what an entry holds, or what the engine makes of the same inputs, changes
+SPEED_ONLY = {"batch_size", "feature_cache_mb"}  # inference settings that never change a prediction
+
+_RefKey = tuple[int | None, str]  # (image id, file name): how a stream's line names its image
+
+
+class _InferCache:
+    """Fused per-image predictions, kept under ``PREFIX/SETTINGS/SHA[:2]/SHA.json`` in a storage.
+
+    ``SETTINGS`` is the sha256 of :func:`_cache_settings` (the model's files, the resolved views, the fusion
+    settings, :data:`CACHE_FORMAT`), which is written beside the entries as ``settings.json``: one folder per
+    model and settings, deleted as a whole. ``SHA`` is the sha256 of the image file's bytes. An entry holds
+    what depends on the image's content only: ``height``, ``width`` and the ``instances`` without their
+    ``image_id`` (a line's path, file name and ids come from the image reference that finds it).
+    """
+
+    def __init__(self, storage: Storage, prefix: str, settings: dict[str, Any], context: StepContext) -> None:
+        self.storage, self.settings, self.logger = storage, settings, context.logger
+        self.folder = f"{prefix.rstrip('/')}/{_sha256_json(settings)}"
+        self._recorded = False
+
+    def read(self, image_sha256: str) -> dict[str, Any] | None:
+        """The entry of an image, or None: not cached, or unreadable (logged; inferred and rewritten)."""
+        key = self._key(image_sha256)
+        try:
+            entry = json.loads(self.storage.local(key).read_text())
+            _check_entry(entry)
+        except (FileNotFoundError, InputError):  # InputError: a remote storage lacks the key
+            return None
+        except (OSError, ValueError) as error:
+            self.logger.warning("inference cache: %s is unreadable (%s)", self.storage.describe(key), error)
+            return None
+        return entry
+
+    def write(self, image_sha256: str, line: dict[str, Any]) -> None:
+        """Cache the fused prediction ``line`` of an image (a complete file, then published)."""
+        if not self._recorded:
+            self._publish(f"{self.folder}/settings.json", self.settings)
+            self._recorded = True
+        entry = {
+            "height": line["height"],
+            "width": line["width"],
+            "instances": [{k: v for k, v in i.items() if k != "image_id"} for i in line["instances"]],
+        }
+        self._publish(self._key(image_sha256), entry)
+
+    def _key(self, image_sha256: str) -> str:
+        return f"{self.folder}/{image_sha256[:2]}/{image_sha256}.json"
+
+    def _publish(self, key: str, record: dict[str, Any]) -> None:
+        write_json_atomic(self.storage.output(key), record)
+        self.storage.commit(key)
+
+
+def _check_entry(entry: Any) -> None:
+    """Raise ValueError unless ``entry`` has the shape :meth:`_InferCache.write` gives it."""
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("height"), int)
+        and isinstance(entry.get("width"), int)
+        and isinstance(entry.get("instances"), list)
+        and all(isinstance(instance, dict) for instance in entry["instances"])
+    ):
+        raise ValueError("not a cached prediction")
+
+
+def _cache_settings(model_dir: Path, views: ViewSet, inference: InferenceSpec) -> dict[str, Any]:
+    """What a prediction depends on besides the image: the sha256 of each model file, the views resolved
+    against the model (not their spelling), the inference settings but :data:`SPEED_ONLY`, the format."""
+    return {
+        "format": CACHE_FORMAT,
+        "model": {
+            name: _model_file_sha256(model_dir / name) for name in MODEL_FILES if (model_dir / name).is_file()
+        },
+        "views": {k: v for k, v in views.to_dict().items() if k != "spec"},
+        "inference": inference.model_dump(mode="json", exclude={"views", *SPEED_ONLY}),
+    }
+
+
+def _model_file_sha256(path: Path) -> str:
+    """The sha256 of a model file, memoised by (path, size, mtime): a worker hashes its weights once."""
+    stat = path.stat()
+    return _memo_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _memo_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)  # size and mtime_ns only key the memo
+
+
+def _sha256_json(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _image_sha256(path: str) -> str | None:
+    """The sha256 of an image file; None when it cannot be read (the stream's line says why; not cached)."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def _infer_cached(
+    engine: MultiViewEngine,
+    refs: list[ImageRef],
+    stream: Path,
+    out: Path,
+    cache: _InferCache,
+    batch_size: int,
+    context: StepContext,
+) -> tuple[StreamResult, int]:
+    """Write the prediction lines of ``refs`` to ``out``, in their order: cached ones from ``cache``, the
+    others run through ``stream`` (resumable, as ``run_to_jsonl`` streams are) and then cached.
+
+    Images named by the stream's ``.partial`` lines are taken from there, not from the cache, so that the
+    stream's images stay the ones it was started with. Returns the result and the number of cache hits.
+    """
+    partial = partial_path(stream)
+    if stream.exists():
+        os.replace(stream, partial)  # finished but not merged (the process died then): resume it
+    resumed = _stream_keys(partial)
+    digests = {_ref_key(ref): _image_sha256(ref.path) for ref in refs}
+    texts: dict[_RefKey, str] = {}
+    misses = []
+    for ref in refs:
+        digest = digests[_ref_key(ref)]
+        entry = None if digest is None or _ref_key(ref) in resumed else cache.read(digest)
+        if entry is None:
+            misses.append(ref)
+        else:
+            texts[_ref_key(ref)] = json.dumps(_cached_line(ref, entry)) + "\n"
+    hits = len(refs) - len(misses)
+    context.report("infer", hits, len(refs))
+    errors: dict[_RefKey, tuple[str, str]] = {}
+    if misses:
+        run_to_jsonl(engine, misses, stream, batch_size=batch_size, context=_offset(context, hits, len(refs)))
+        for text in stream.read_text().splitlines(keepends=True):
+            line = json.loads(text)
+            key = _line_key(line)
+            texts[key] = text
+            if "error" in line:
+                errors[key] = (line["path"], line["error"])
+            elif digests[key] is not None:
+                cache.write(digests[key], line)
+    write_text_atomic(out, "".join(texts[_ref_key(ref)] for ref in refs))
+    stream.unlink(missing_ok=True)
+    skipped = [errors[_ref_key(ref)] for ref in refs if _ref_key(ref) in errors]
+    return StreamResult(out, len(refs), len(refs), skipped), hits
+
+
+def _cached_line(ref: ImageRef, entry: dict[str, Any]) -> dict[str, Any]:
+    """The stream line of ``ref`` from its cache entry: the keys, in the order, that the stream writes."""
+    return {
+        "path": ref.path,
+        "file_name": ref.file_name,
+        "image_id": ref.image_id,
+        "height": entry["height"],
+        "width": entry["width"],
+        "instances": [{"image_id": ref.image_id or 0, **instance} for instance in entry["instances"]],
+    }
+
+
+def _ref_key(ref: ImageRef) -> _RefKey:
+    return (ref.image_id, ref.file_name)
+
+
+def _line_key(line: dict[str, Any]) -> _RefKey:
+    return (line["image_id"], line["file_name"])
+
+
+def _stream_keys(path: Path) -> set[_RefKey]:
+    """The images that the complete lines of a predictions stream name (none when there is no stream)."""
+    if not path.is_file():
+        return set()
+    return {_line_key(json.loads(t)) for t in path.read_text().splitlines(keepends=True) if t.endswith("\n")}
+
+
+def _offset(context: StepContext, done: int, total: int) -> StepContext:
+    """``context`` with progress counted on from ``done`` of ``total`` (the cache hits, the whole shard)."""
+    return StepContext(
+        progress=lambda e: context.report(e.stage, done + e.done, total, e.message, e.values),
+        should_cancel=context.cancelled,
+        logger=context.logger,
+    )
 
 
 # -- pseudo_label ------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ resumes; the storage seam runs the same steps against a non-local fsspec filesys
 from __future__ import annotations
 
 import json
+import logging
 import random
+import shutil
 import uuid
 from pathlib import Path
 
@@ -13,11 +15,14 @@ import fsspec
 import pytest
 import torch
 import yaml
+from PIL import Image
+from typer.testing import CliRunner
 
 from distill import steps
+from distill.cli import app
 from distill.data.coco import load_coco
 from distill.data.synthetic import generate
-from distill.errors import Cancelled
+from distill.errors import Cancelled, InputError
 from distill.hooks import StepContext
 from distill.layout import RunLayout
 from distill.models.files import is_complete
@@ -283,3 +288,227 @@ def test_steps_read_and_write_through_a_non_local_filesystem(
     ).metrics
     assert json.loads(fs.cat_file(f"/{root}/run/m.json")) == metrics
     assert labeled.metrics["kept_instances"] > 0
+
+
+# -- the inference cache -----------------------------------------------------------------------------------
+CACHED = InferenceSpec(views="1x:flip", batch_size=2, max_detections=20, view_score_thresh=0.0)
+
+
+def copy_images(tiny_data: Path, folder: Path) -> Path:
+    """A copy of the unlabeled images (the same bytes at other paths)."""
+    shutil.copytree(tiny_data / "images" / "unlabeled", folder / "unlabeled")
+    return folder
+
+
+def shard_names(tiny_data: Path) -> list[str]:
+    return [im["file_name"] for im in load_coco(tiny_data / "unlabeled.json").images[:6]]  # shard 0 of 4
+
+
+def cached_infer(
+    tmp_path: Path,
+    tiny_data: Path,
+    model: Path,
+    out: str,
+    *,
+    images: Path | None = None,
+    cache: str = "cache",
+    context: StepContext | None = None,
+    **inference,
+) -> steps.StepResult:
+    """Shard 0 of 4 (six images) of the unlabeled split, cached under ``tmp_path / cache``."""
+    spec = InferSpec(
+        model=str(model),
+        images=str(tiny_data / "unlabeled.json"),
+        images_dir=str(images or tiny_data / "images"),
+        out=str(tmp_path / out),
+        shard=(0, 4),
+        inference=CACHED.model_copy(update=inference),
+        cache=str(tmp_path / cache),
+    )
+    return steps.infer(spec, context=context or StepContext())
+
+
+def counts(result: steps.StepResult) -> tuple[int, int, int]:
+    return result.info["cached"], result.info["inferred"], result.info["skipped"]
+
+
+def without_paths(path: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(t).items() if k != "path"} for t in path.read_text().splitlines()]
+
+
+def test_a_second_inference_over_the_same_images_reads_every_prediction_from_the_cache(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+) -> None:
+    plain = steps.infer(
+        InferSpec(
+            model=str(trained_tiny_model),
+            images=str(tiny_data / "unlabeled.json"),
+            images_dir=str(tiny_data / "images"),
+            out=str(tmp_path / "plain.jsonl"),
+            shard=(0, 4),
+            inference=CACHED,
+        )
+    )
+    assert plain.info["cached"] == 0 and plain.info["inferred"] == 6
+    first = cached_infer(tmp_path, tiny_data, trained_tiny_model, "first.jsonl")
+    assert counts(first) == (0, 6, 0) and first.info["images"] == 6
+    assert (tmp_path / "first.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
+    assert not any((tmp_path / f"first.jsonl.misses{end}").exists() for end in ("", ".partial"))
+    events = []
+    second = cached_infer(
+        tmp_path, tiny_data, trained_tiny_model, "second.jsonl", context=StepContext(progress=events.append)
+    )
+    assert counts(second) == (6, 0, 0) and second.info["images"] == 6
+    assert (tmp_path / "second.jsonl").read_bytes() == (tmp_path / "first.jsonl").read_bytes()
+    assert (events[-1].done, events[-1].total) == (6, 6)
+    # the same bytes at other paths: cached, each line naming its own path
+    elsewhere = cached_infer(
+        tmp_path,
+        tiny_data,
+        trained_tiny_model,
+        "copy.jsonl",
+        images=copy_images(tiny_data, tmp_path / "copy"),
+    )
+    assert counts(elsewhere) == (6, 0, 0)
+    lines = [json.loads(t) for t in (tmp_path / "copy.jsonl").read_text().splitlines()]
+    assert [line["path"] for line in lines] == [
+        str(tmp_path / "copy" / name) for name in shard_names(tiny_data)
+    ]
+    assert without_paths(tmp_path / "copy.jsonl") == without_paths(tmp_path / "first.jsonl")
+    # settings that only change the speed share the cache; one folder per model and settings
+    assert counts(cached_infer(tmp_path, tiny_data, trained_tiny_model, "b.jsonl", batch_size=4)) == (6, 0, 0)
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert json.loads((folder / "settings.json").read_text())["inference"]["fusion"] == "nms"
+    assert len(list(folder.glob("??/*.json"))) == 6
+
+
+def test_only_a_changed_image_is_inferred_again(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+) -> None:
+    images = copy_images(tiny_data, tmp_path / "copy")
+    first = cached_infer(tmp_path, tiny_data, trained_tiny_model, "first.jsonl", images=images)
+    changed = images / shard_names(tiny_data)[2]
+    image = Image.open(changed).convert("RGB")
+    image.putpixel((5, 5), (255, 0, 255))
+    image.save(changed)
+    second = cached_infer(tmp_path, tiny_data, trained_tiny_model, "second.jsonl", images=images)
+    assert counts(first) == (0, 6, 0) and counts(second) == (5, 1, 0)
+    before, after = without_paths(tmp_path / "first.jsonl"), without_paths(tmp_path / "second.jsonl")
+    assert (
+        before[:2] + before[3:] == after[:2] + after[3:] and after[2]["file_name"] == before[2]["file_name"]
+    )
+
+
+def test_other_views_fusion_or_model_infer_every_image(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+) -> None:
+    assert counts(cached_infer(tmp_path, tiny_data, trained_tiny_model, "a.jsonl")) == (0, 6, 0)
+    assert counts(cached_infer(tmp_path, tiny_data, trained_tiny_model, "b.jsonl", views="1x")) == (0, 6, 0)
+    assert counts(cached_infer(tmp_path, tiny_data, trained_tiny_model, "c.jsonl", fusion="wbf")) == (0, 6, 0)
+    other = tmp_path / "other-model"
+    shutil.copytree(trained_tiny_model, other)
+    weights = torch.load(other / "weights.pt", weights_only=True)
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[name] = weights[name] * 1.01
+    torch.save(weights, other / "weights.pt")
+    assert counts(cached_infer(tmp_path, tiny_data, other, "d.jsonl")) == (0, 6, 0)
+    assert counts(cached_infer(tmp_path, tiny_data, other, "e.jsonl")) == (6, 0, 0)
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+
+def test_a_corrupt_cache_entry_is_inferred_again_and_rewritten(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cached_infer(tmp_path, tiny_data, trained_tiny_model, "first.jsonl")
+    entries = sorted((tmp_path / "cache").glob("*/??/*.json"))
+    entries[0].write_text('{"height": 10, "instan')
+    entries[1].write_text('{"height": 10}\n')
+    with caplog.at_level(logging.WARNING, logger="distill"):
+        second = cached_infer(tmp_path, tiny_data, trained_tiny_model, "second.jsonl")
+    assert counts(second) == (4, 2, 0)
+    assert sum("inference cache" in r.getMessage() for r in caplog.records) == 2
+    assert (tmp_path / "second.jsonl").read_bytes() == (tmp_path / "first.jsonl").read_bytes()
+    assert counts(cached_infer(tmp_path, tiny_data, trained_tiny_model, "third.jsonl")) == (6, 0, 0)
+
+
+def test_an_unreadable_image_is_never_cached(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+) -> None:
+    images = copy_images(tiny_data, tmp_path / "copy")
+    (images / shard_names(tiny_data)[4]).write_bytes(b"not an image")
+    (images / shard_names(tiny_data)[5]).unlink()
+    first = cached_infer(tmp_path, tiny_data, trained_tiny_model, "first.jsonl", images=images)
+    second = cached_infer(tmp_path, tiny_data, trained_tiny_model, "second.jsonl", images=images)
+    assert counts(first) == (0, 4, 2) and counts(second) == (4, 0, 2)
+    assert first.info["skipped_images"] == second.info["skipped_images"]
+    assert [s["name"] for s in second.info["skipped_images"]] == shard_names(tiny_data)[4:]
+    assert len(list((tmp_path / "cache").glob("*/??/*.json"))) == 4
+    assert (tmp_path / "second.jsonl").read_bytes() == (tmp_path / "first.jsonl").read_bytes()
+
+
+def test_a_cancelled_cached_inference_resumes_its_misses(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+) -> None:
+    images = copy_images(tiny_data, tmp_path / "copy")
+    cached_infer(tmp_path, tiny_data, trained_tiny_model, "first.jsonl", images=images)
+    for name in shard_names(tiny_data)[:4]:  # four images change: four misses, two batches
+        image = Image.open(images / name).convert("RGB")
+        image.putpixel((0, 0), (1, 2, 3))
+        image.save(images / name)
+    with pytest.raises(Cancelled, match="inference after 2 of 4 images"):
+        cached_infer(
+            tmp_path, tiny_data, trained_tiny_model, "a.jsonl", images=images,
+            context=CancelAfter(2, "infer").context(),
+        )  # fmt: skip
+    assert not (tmp_path / "a.jsonl").exists()
+    assert len((tmp_path / "a.jsonl.misses.partial").read_text().splitlines()) == 2
+    resumed = cached_infer(tmp_path, tiny_data, trained_tiny_model, "a.jsonl", images=images)
+    assert counts(resumed) == (2, 4, 0)
+    cached_infer(tmp_path, tiny_data, trained_tiny_model, "b.jsonl", images=images, cache="other")
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+def test_the_inference_cache_on_a_non_local_filesystem(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path
+) -> None:
+    url = f"memory://distill-cache-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    root = url.removeprefix("memory://")
+    fs.pipe_file(f"/{root}/data/unlabeled.json", (tiny_data / "unlabeled.json").read_bytes())
+    for name in shard_names(tiny_data):
+        fs.pipe_file(f"/{root}/data/images/{name}", (tiny_data / "images" / name).read_bytes())
+    for name in ("config.yaml", "weights.pt", "meta.json"):
+        fs.pipe_file(f"/{root}/model/{name}", (trained_tiny_model / name).read_bytes())
+    storage = Storage(url, cache_dir=tmp_path / "local")
+    spec = InferSpec(
+        model="model",
+        images="data/unlabeled.json",
+        images_dir="data/images",
+        out="run/a.jsonl",
+        shard=(0, 4),
+        inference=CACHED,
+        cache="cache/infer",
+    )
+    first = steps.infer(spec, storage)
+    entries = [p for p in fs.find(f"/{root}/cache/infer") if not p.endswith("/settings.json")]
+    assert len(entries) == 6
+    fs.rm(entries[0])  # one entry lost
+    second = steps.infer(spec.model_copy(update={"out": "run/b.jsonl"}), storage)
+    assert counts(first) == (0, 6, 0) and counts(second) == (5, 1, 0)
+    assert fs.cat_file(f"/{root}/run/b.jsonl") == fs.cat_file(f"/{root}/run/a.jsonl")
+    assert fs.exists(entries[0]) and not fs.exists(f"/{root}/run/a.jsonl.misses")
+
+
+def test_predict_caches_through_the_cli(tmp_path: Path, tiny_data: Path, trained_tiny_model: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in shard_names(tiny_data)[:3]:
+        shutil.copy(tiny_data / "images" / name, folder)
+    args = ["predict", "--model", str(trained_tiny_model), "--images", str(folder), "--views", "1x:flip"]
+    args += ["--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    first = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a.json")])
+    second = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b.json")])
+    assert "0 images cached, 3 inferred" in first.stdout and "3 images cached, 0 inferred" in second.stdout
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    plain = CliRunner().invoke(app, [*args, "--views", "none", "--out", str(tmp_path / "c.json")])
+    assert isinstance(plain.exception, InputError) and not (tmp_path / "c.json").exists()
