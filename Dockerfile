@@ -1,7 +1,13 @@
-# distill with both backends (torchvision and detectron2) on a CUDA runtime image.
+# distill with both backends (torchvision and detectron2) on a CUDA runtime image: the library and CLI, the
+# service's API and its Celery workers (docker-compose.yml runs them; docs/several-machines.md).
 #
 #   docker build -t distill .
-#   docker run --gpus all -v $PWD/runs:/app/runs distill demo
+#   docker run --gpus all distill demo                   # writes /app/runs/demo inside the container
+#   docker run --gpus all --user "$(id -u):$(id -g)" -v "$PWD/runs:/app/runs" distill demo   # ... into ./runs
+#
+# It runs as the unprivileged user `distill` (uid 10001), which owns /var/lib/distill (the service's data:
+# storage, beat's schedule, the GPU locks; the volumes docker-compose.yml mounts there start with that owner)
+# and /app. A bind mount must be writable by the user the container runs as (hence --user above).
 #
 # detectron2 is not on PyPI: it is built from its official git source at a pinned commit, in a separate
 # stage with the CUDA compiler, and only the wheel reaches the runtime image. To move the pin, pass
@@ -41,9 +47,22 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVI
 COPY --from=detectron2 /wheels /wheels
 # detectron2's own dependencies (fvcore, iopath, pycocotools, ...) come from the index
 RUN pip install --no-cache-dir /wheels/detectron2-*.whl && rm -rf /wheels
+RUN groupadd --system --gid 10001 distill \
+    && useradd --system --uid 10001 --gid distill --create-home --home-dir /home/distill --shell /usr/sbin/nologin distill \
+    && mkdir -p /app /var/lib/distill/storage /var/lib/distill/beat /var/lib/distill/gpu-locks \
+    && chown -R distill:distill /app /var/lib/distill
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY distill ./distill
+COPY service ./service
+COPY workers ./workers
+# the whole project: the `distill` command (with `distill up`, `distill token`, `distill remote`), uvicorn and
+# celery for the service's processes, psycopg for PostgreSQL. s3fs is not included: add it for s3:// storage.
 RUN pip install --no-cache-dir .
+ENV DISTILL_DATA_DIR=/var/lib/distill
+USER distill
+EXPOSE 8000
+# `docker run distill demo` runs `distill demo`; docker-compose.yml sets each service's own entrypoint
+# (uvicorn service.api.main:app, celery -A workers.app worker / beat).
 ENTRYPOINT ["distill"]
 CMD ["--help"]
