@@ -37,11 +37,12 @@ from distill import steps
 from distill.backends import get_backend, model_backend
 from distill.errors import InputError
 from distill.evaluate import BOX_METRICS, KEYPOINT_METRICS, format_table
+from distill.health import round_problems
 from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_json_atomic, write_text_atomic
 from distill.layout import RoundLayout, RunLayout
 from distill.models.config import load_model_config
-from distill.models.files import CONFIG_FILE, WEIGHTS_FILE, file_sha256, is_complete
+from distill.models.files import CONFIG_FILE, WEIGHTS_FILE, file_sha256, is_complete, read_meta
 from distill.recipes import RECIPES, load_recipe
 from distill.report import describe_calibration, render_report
 from distill.specs import (
@@ -402,6 +403,11 @@ def _run_round(
         assert teacher_metrics is not None
         with _timer(minutes, "evaluate_student"):
             record.update(_promotion(config, layout, teacher_metrics, device, context))
+    training = read_meta(Path(layout.student)).get("training", {})
+    record["health"] = round_problems(record["calibration"], training)
+    if record["health"]:
+        logger.warning("round %d is not promoted: %s", k, "; ".join(record["health"]))
+        record["promoted"] = False
     record["minutes"] = {key: round(v, 2) for key, v in minutes.items()}
     return record, teacher_metrics
 

@@ -61,5 +61,7 @@ def render_report(summary: dict[str, Any]) -> str:
                 f"{p['metric']}: teacher {100 * p['teacher']:.1f}, student {100 * p['student']:.1f} -> "
                 + ("**promoted**" if r["promoted"] else "not promoted")
             )
+        for problem in r.get("health", []):
+            lines.append(f"- **health check failed** (never promoted): {problem}")
         lines += ["", f"![calibration](round_{k}/pseudo.calibration.png)", ""]
     return "\n".join(lines) + "\n"
