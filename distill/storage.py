@@ -17,7 +17,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
@@ -35,17 +37,24 @@ class Storage:
     """Inputs and artifacts under ``url`` (a local folder or any fsspec URL); ``None``: local paths as given.
 
     ``cache_dir`` holds local copies of remote inputs and staged outputs (default: a folder under the system
-    temp directory, one per URL).
+    temp directory, one per URL). ``options``: keyword arguments of the fsspec filesystem (an S3
+    ``endpoint_url``, an SFTP ``key_filename``, …); they may hold secrets and are never shown.
     """
 
-    def __init__(self, url: str | os.PathLike[str] | None = None, *, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        options: Mapping[str, Any] | None = None,
+    ):
         self.url = None if url is None else str(url)
         if self.url is None or "://" not in self.url or self.url.startswith("file://"):
             self.fs = fsspec.filesystem("file")
             root = "" if self.url is None else self.url.removeprefix("file://")
             self.root = str(Path(root).resolve()) if root else ""
         else:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **dict(options or {}))
             self.root = self.root.rstrip("/")
         tag = hashlib.sha256((self.url or "").encode()).hexdigest()[:12]
         self.cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "distill-storage" / tag)

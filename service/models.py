@@ -6,7 +6,11 @@
   attempts, lease owner and expiry, heartbeat, output key);
 - ``api_tokens``: hashed bearer tokens with a scope;
 - ``datasets`` / ``images``: uploaded image sets (labeled, unlabeled, eval), one image row per stored file;
-- ``models``: registered models, uploaded or made by jobs, with their lineage.
+- ``models``: registered models, uploaded or made by jobs, with their lineage;
+- ``promoted_models``: the promoted version of each model name (at most one), and ``promotions`` the
+  history of every promotion and rollback, with who and why;
+- ``schedules`` / ``schedule_runs``: scheduled retraining, one run row per (schedule, cron slot) — the
+  unique pair is what makes a slot run once however many beat processes tick.
 """
 
 from __future__ import annotations
@@ -139,4 +143,73 @@ class Model(Base):
     datasets: Mapped[dict[str, Any]] = mapped_column(default=dict)  # role -> dataset id
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)  # eval dataset id -> COCO metrics
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)  # categories, iterations, config summary
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PromotedModel(Base):
+    """The promoted version of a model name: what jobs that name the model by name use."""
+
+    __tablename__ = "promoted_models"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Promotion(Base):
+    """One promotion or rollback of a model name. A rollback marks the promotion it undoes ``undone`` and
+    restores that promotion's ``previous_id``, so successive rollbacks walk back through the history."""
+
+    __tablename__ = "promotions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # promote | rollback
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))  # promoted after it
+    previous_id: Mapped[int | None] = mapped_column(
+        ForeignKey("models.id", ondelete="SET NULL"), default=None
+    )
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[int | None] = mapped_column(Integer, default=None)  # api_tokens.id
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    undone: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Schedule(Base):
+    __tablename__ = "schedules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    cron: Mapped[str] = mapped_column(String(128))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    model: Mapped[str] = mapped_column(String(128))  # a model name: its promoted version is the teacher
+    labeled: Mapped[int] = mapped_column(Integer)
+    unlabeled: Mapped[int] = mapped_column(Integer)
+    eval: Mapped[int] = mapped_column(Integer)
+    pipeline: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the job's other settings
+    min_new_images: Mapped[int] = mapped_column(Integer, default=0)
+    promotion: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {metric, min_gain}
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ScheduleRun(Base):
+    """What one slot of a schedule did: started a job (``job_id``), or was skipped (``reason``)."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (UniqueConstraint("schedule_id", "slot", name="uq_schedule_run_slot"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schedule_id: Mapped[int] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"), index=True)
+    slot: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))  # the cron time, UTC
+    state: Mapped[str] = mapped_column(String(16))  # started | skipped
+    reason: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    teacher_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), default=None)
+    images: Mapped[int] = mapped_column(Integer, default=0)  # unlabeled images the run considered
+    new_images: Mapped[int] = mapped_column(Integer, default=0)  # of them new since the last successful run
+    images_upto: Mapped[int] = mapped_column(Integer, default=0)  # the newest image id considered
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -2,18 +2,28 @@
 
 A model is registered when it is uploaded (``POST /v1/models``) or when a job's training stage completes
 (teacher, student, a plain training job). Registering the same storage key twice returns the first row, so
-a redelivered stage registers nothing new. The promotion gate and rollback build on this (schedules).
+a redelivered stage registers nothing new.
+
+Each name has at most one *promoted* version (``promoted_models``): the one a job that names the model by
+name uses. :func:`promote` and :func:`rollback` change it with a compare-and-set on that row, and record
+who and why in ``promotions``; a rollback undoes the latest promotion still in force, so rolling back twice
+walks two promotions back. The first version registered under a name is promoted with it (there is nothing
+else to use).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.models import Job, Model
+from distill.errors import InputError
+from service.datasets import Conflict, NotFound
+from service.models import Job, Model, PromotedModel, Promotion, utcnow
+
+ANY = object()  # promote(expected=ANY): over whichever version is promoted
 
 
 def register_model(
@@ -44,6 +54,9 @@ def register_model(
                 session.add(model)
         except IntegrityError:
             continue
+        if version == 1:
+            _set_promoted(session, name, model.id, expected=None)
+            session.add(Promotion(name=name, action="promote", model_id=model.id, reason="first version"))
         return model
     raise RuntimeError(f"model {name!r}: no free version after 10 tries")
 
@@ -54,10 +67,13 @@ def model_by_key(session: Session, key: str) -> Model | None:
 
 def register_job_models(session: Session, job: Job, models: list[dict[str, Any]]) -> list[Model]:
     """Register what a job's stage trained, under the job's model name: a student's parent is its
-    teacher (registered or given), a teacher trained by the job has no parent."""
+    teacher (registered or given), a teacher trained by the job has no parent. Its ``info`` keeps the
+    job's config (less the data keys) and what each input dataset held (``inputs``: images, sha256)."""
     rows = []
     name = job.spec.get("model_name") or f"job-{job.id}"
     datasets = dict(job.spec.get("datasets") or {})
+    config = {k: v for k, v in (job.spec.get("config") or {}).items() if k != "data"}
+    lineage_info = {"inputs": job.spec.get("inputs") or {}, "config": config}
     for model in models:
         parent = None
         if model["role"] == "student":
@@ -67,7 +83,7 @@ def register_job_models(session: Session, job: Job, models: list[dict[str, Any]]
         row = register_model(
             session, name=name, key=model["key"], backend=model["backend"], source="job",
             role=model["role"], job_id=job.id, parent_id=None if parent is None else parent.id,
-            datasets=datasets, info=model.get("info", {}),
+            datasets=datasets, info={**model.get("info", {}), **lineage_info},
         )  # fmt: skip
         rows.append(row)
     return rows
@@ -106,3 +122,111 @@ def lineage(session: Session, model: Model, *, limit: int = 1000) -> list[Model]
         seen.add(parent.id)
         parent_id = parent.parent_id
     return chain
+
+
+def promoted_model(session: Session, name: str) -> Model | None:
+    """The promoted version of ``name`` (None: no such name, or nothing promoted)."""
+    row = session.get(PromotedModel, name, populate_existing=True)
+    return None if row is None else session.get(Model, row.model_id)
+
+
+def resolve_model(session: Session, field: str, ref: int | str) -> tuple[Model, dict[str, Any]]:
+    """The model a job field names (an id, or a name: its promoted version now), and how it was resolved
+    (recorded on the job)."""
+    if isinstance(ref, int):
+        model = session.get(Model, ref)
+        if model is None:
+            raise InputError(f"{field}: model {ref} does not exist")
+        return model, {"id": model.id, "name": model.name, "version": model.version, "by": "id"}
+    model = promoted_model(session, ref)
+    if model is None:
+        known = session.scalar(select(func.count(Model.id)).where(Model.name == ref))
+        why = "has no promoted version" if known else "is not a registered model name"
+        raise InputError(f"{field}: {ref!r} {why}")
+    return model, {"id": model.id, "name": model.name, "version": model.version, "by": "promoted"}
+
+
+def _set_promoted(session: Session, name: str, model_id: int, *, expected: int | None) -> bool:
+    """Make ``model_id`` the promoted version of ``name`` if ``expected`` still is (None: none yet)."""
+    if expected is None:
+        try:
+            with session.begin_nested():
+                session.add(PromotedModel(name=name, model_id=model_id))
+        except IntegrityError:
+            return False
+        return True
+    changed = session.execute(
+        update(PromotedModel)
+        .where(PromotedModel.name == name, PromotedModel.model_id == expected)
+        .values(model_id=model_id, updated_at=utcnow())
+    ).rowcount
+    return changed == 1
+
+
+def promote(
+    session: Session,
+    model: Model,
+    *,
+    reason: str = "",
+    created_by: int | None = None,
+    job_id: int | None = None,
+    expected: Any = ANY,
+) -> Promotion:
+    """Promote ``model`` over its name's promoted version. ``expected``: the version (a model, or None for
+    none) that must still be promoted for this to happen — the one a gate compared the model with;
+    :data:`ANY`: whichever is. :class:`Conflict` when the model already is promoted, or ``expected`` no
+    longer is."""
+    current = promoted_model(session, model.name)
+    if current is not None and current.id == model.id:
+        raise Conflict(f"{model.name} v{model.version} is already the promoted version")
+    if expected is not ANY and (None if expected is None else expected.id) != (current and current.id):
+        was = "none" if expected is None else f"v{expected.version}"
+        now = "none" if current is None else f"v{current.version}"
+        raise Conflict(f"{model.name}: the promoted version changed from {was} to {now} meanwhile")
+    if not _set_promoted(session, model.name, model.id, expected=None if current is None else current.id):
+        raise Conflict(f"{model.name}: another promotion happened at the same time; try again")
+    row = Promotion(
+        name=model.name, action="promote", model_id=model.id,
+        previous_id=None if current is None else current.id, reason=reason, created_by=created_by,
+        job_id=job_id,
+    )  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def rollback(session: Session, name: str, *, reason: str = "", created_by: int | None = None) -> Promotion:
+    """Undo the promotion that made the current version of ``name`` promoted: its previous version is
+    promoted again. :class:`NotFound` for an unknown name, :class:`Conflict` with nothing to go back to."""
+    current = promoted_model(session, name)
+    if current is None:
+        raise NotFound(f"model {name!r} has no promoted version")
+    last = session.scalar(
+        select(Promotion)
+        .where(
+            Promotion.name == name, Promotion.action == "promote", Promotion.model_id == current.id,
+            Promotion.undone.is_(False),
+        )
+        .order_by(Promotion.id.desc())
+        .limit(1)
+    )  # fmt: skip
+    previous = None if last is None or last.previous_id is None else session.get(Model, last.previous_id)
+    if last is None or previous is None:
+        raise Conflict(f"{name} v{current.version} has no earlier promoted version to roll back to")
+    if not _set_promoted(session, name, previous.id, expected=current.id):
+        raise Conflict(f"{name}: another promotion happened at the same time; try again")
+    last.undone = True
+    row = Promotion(
+        name=name, action="rollback", model_id=previous.id, previous_id=current.id, reason=reason,
+        created_by=created_by,
+    )  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def promotions(session: Session, name: str) -> list[Promotion]:
+    """The promotion history of ``name``, the newest first."""
+    return list(
+        session.scalars(select(Promotion).where(Promotion.name == name).order_by(Promotion.id.desc()))
+    )

@@ -401,8 +401,15 @@ class Supervisor:
         if devices:
             cpu_env["CUDA_VISIBLE_DEVICES"] = ""  # finalisation needs no GPU memory
         self._add("cpu", _worker_argv("cpu", "cpu"), cpu_env, options.worker_stop_timeout)
+        beat_dir = options.data_dir / "beat"
+        beat_dir.mkdir(parents=True, exist_ok=True)
+        beat = [python, "-m", "celery", "-A", "workers.app", "beat", "--schedule",
+                str(beat_dir / "celerybeat-schedule"), "-l", "info"]  # fmt: skip
+        self._add("beat", beat, cpu_env, options.worker_stop_timeout)
         where = f"GPUs {', '.join(devices)}" if devices else "the CPU"
-        self.echo(f"workers: {count} on the gpu queue ({where}), 1 on the cpu queue")
+        self.echo(
+            f"workers: {count} on the gpu queue ({where}), 1 on the cpu queue; beat ticks the schedules"
+        )
 
     def _add(self, name: str, argv: list[str], env: dict[str, str], stop_timeout: float) -> None:
         child = Child(name, argv, env, self.logs / f"{name}.log", stop_timeout)

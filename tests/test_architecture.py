@@ -78,3 +78,25 @@ def test_the_library_never_imports_the_service_layers() -> None:
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.split(".")[0] in ("service", "workers") for n in names), path
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return names
+
+
+def test_the_workers_and_the_service_core_never_import_the_http_layer() -> None:
+    """``workers/`` and every ``service`` module outside ``service/api/`` work without FastAPI's routers:
+    a worker's tick starts jobs through ``service.submit``, not through a route."""
+    root = DISTILL.parent
+    paths = [*(root / "workers").rglob("*.py"), *(p for p in (root / "service").glob("*.py"))]
+    assert any(p.name == "schedules.py" for p in paths)
+    for path in paths:
+        bad = {n for n in _imported_modules(path) if n == "service.api" or n.startswith("service.api.")}
+        assert not bad, f"{path.relative_to(root)} imports {sorted(bad)}"

@@ -7,9 +7,13 @@ Redis.
 - prefetch 1: a worker holds one shard at a time, so a lost worker strands nothing else;
 - a visibility timeout above the longest unit (``DISTILL_VISIBILITY_TIMEOUT``, default 6 h), or Redis
   redelivers a task that is still running (the ledger's lease makes that redelivery wait, not run twice);
-- no result backend: outcomes are recorded in the job ledger, never read from Celery.
+- no result backend: outcomes are recorded in the job ledger, never read from Celery;
+- beat (exactly one process; a second one does no harm) sends ``distill.tick_schedules`` to the cpu queue
+  every ``DISTILL_SCHEDULE_TICK_SECONDS``, each tick expiring after one interval so a busy queue does not
+  pile them up; the database, not beat, decides which schedule slot runs (:mod:`service.schedules`).
 
-``celery -A workers.app worker -Q gpu,cpu`` runs a worker with the ``DISTILL_*`` environment.
+``celery -A workers.app worker -Q gpu,cpu`` runs a worker with the ``DISTILL_*`` environment;
+``celery -A workers.app beat`` the ticks.
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=[Queue("gpu"), Queue("cpu")],
         task_default_queue="cpu",
         task_time_limit=settings.task_time_limit,
+        beat_schedule={
+            "tick-schedules": {
+                "task": "distill.tick_schedules",
+                "schedule": settings.schedule_tick_seconds,
+                "options": {"queue": "cpu", "expires": settings.schedule_tick_seconds},
+            }
+        },
     )
     return app
 

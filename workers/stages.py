@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill import steps
+from distill.health import round_problems
 from distill.hooks import StepContext
 from distill.io import write_json_atomic, write_text_atomic
 from distill.layout import RunLayout
@@ -72,6 +73,7 @@ class UnitRun:
     unit_counts: dict[str, int]
     storage: Storage
     device: str = "cpu"
+    cache: str | None = None  # storage key prefix of the inference cache (None: off)
 
     @property
     def config(self) -> PipelineConfig:
@@ -161,10 +163,13 @@ def run_infer(run: UnitRun, context: StepContext) -> Outcome:
     k = run.round
     count = run.unit_counts[run.stage]
     out = run.layout.round(k).shard(run.index, count)
-    spec = infer_spec(run.config, teacher_of(run, k), out, shard=(run.index, count), device=run.device)
+    spec = infer_spec(
+        run.config, teacher_of(run, k), out, shard=(run.index, count), device=run.device, cache=run.cache
+    )
     result = steps.infer(spec, run.storage, context)
     skipped = list(result.info.get("skipped_images", []))
-    return Outcome(out, warnings=result.warnings, skipped=skipped, metrics={"images": result.info["images"]})
+    counts = {key: result.info[key] for key in ("images", "cached", "inferred") if key in result.info}
+    return Outcome(out, warnings=result.warnings, skipped=skipped, metrics=counts)
 
 
 def run_pseudo_label(run: UnitRun, context: StepContext) -> Outcome:
@@ -187,13 +192,12 @@ def run_decide(run: UnitRun, context: StepContext) -> Outcome:
     layout = run.layout.round(k)
     teacher = teacher_of(run, k)
     calibration = _read_json(storage, layout.calibration)
+    training = read_meta(storage.local(layout.student, members=steps.MODEL_FILES)).get("training", {})
     record: dict[str, Any] = {
         "round": k,
         "teacher": teacher,
         "student": layout.student,
-        "student_iterations": read_meta(storage.local(layout.student, members=steps.MODEL_FILES))
-        .get("training", {})
-        .get("iterations"),
+        "student_iterations": training.get("iterations"),
         "views": views_record(config, teacher, storage),
         "calibration": {
             "mode": calibration["mode"],
@@ -217,12 +221,14 @@ def run_decide(run: UnitRun, context: StepContext) -> Outcome:
             "primary": {"metric": config.evaluation.primary, "teacher": t_value, "student": s_value},
             "promoted": promoted,
         }
+    record["health"] = round_problems(record["calibration"], training)
+    record["promoted"] = record["promoted"] and not record["health"]
     summary = _summary(run, record)
     write_json_atomic(storage.output(run.layout.summary), summary, indent=2)
     storage.commit(run.layout.summary)
     write_text_atomic(storage.output(run.layout.report), render_report(summary))
     storage.commit(run.layout.report)
-    decision = {key: record[key] for key in ("promoted", "teacher", "student") if key in record}
+    decision = {key: record[key] for key in ("promoted", "teacher", "student", "health") if key in record}
     decision |= {"primary": record.get("primary"), "metrics": record.get("metrics")}
     return Outcome(run.layout.summary, metrics=decision, stop=not record["promoted"])
 

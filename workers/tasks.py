@@ -2,6 +2,8 @@
 of its current stage (:mod:`workers.stages`) and record the outcome there. The ledger, not Celery, decides
 who runs what (see :mod:`service.ledger`).
 
+``distill.tick_schedules(now=None)`` (sent by celery beat): start or skip each due schedule slot.
+
 ``distill.run_unit(job_id, stage, index)`` (on the unit's queue: ``gpu`` for training, inference and
 evaluation, ``cpu`` for calibration and the promotion decision): lease the unit, run it with a heartbeat
 that carries progress and cancel requests, complete it; the worker that completes a stage's last unit
@@ -21,12 +23,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from distill.errors import Cancelled, DistillError
 from distill.hooks import ProgressEvent, StepContext
-from distill.storage import Storage
 from service import ledger
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction
 from service.models import Job, Shard
 from service.registry import record_metrics, register_job_models
+from service.runtime import Runtime
+from service.schedules import apply_gate, tick
 from workers import stages
 from workers.app import app
 
@@ -42,7 +45,7 @@ def _runtime():
         _state.update(
             settings=settings,
             sessions=session_factory(make_engine(settings.database)),
-            storage=Storage(settings.storage),
+            storage=settings.open_storage(),
         )
     return _state["settings"], _state["sessions"], _state["storage"]
 
@@ -118,7 +121,9 @@ def run_unit(self, job_id: int, stage: str, index: int) -> None:
         return
     heartbeat = _Heartbeat(sessions, lease, settings.lease_seconds)
     context = StepContext(progress=heartbeat.on_progress, should_cancel=heartbeat)
-    run = stages.UnitRun(job_id, stage, index, spec, counts, storage, _device(settings.device))
+    run = stages.UnitRun(
+        job_id, stage, index, spec, counts, storage, _device(settings.device), cache=settings.cache_prefix
+    )
     try:
         outcome = stages.run_unit(run, context)
     except Cancelled:
@@ -147,6 +152,10 @@ def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages
         job.skipped = _merged_skipped(job, outcome)  # kept when they fail the job: they are its reason
         if _over_error_budget(session, job, settings.error_budget):
             return  # nothing else of this unit recorded: a retry runs it again from scratch
+        if stages.parse_stage(lease.stage)[0] == "decide":
+            promotion = apply_gate(session, job, outcome.metrics)
+            if promotion is not None:
+                outcome.metrics["promotion"] = promotion
         _record(job, lease.stage, outcome)
         register_job_models(session, job, outcome.models)
         if outcome.scored_model is not None:
@@ -162,6 +171,15 @@ def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages
     elif advance.stage is not None:
         for index, queue in advance.units:
             send_unit(lease.job_id, advance.stage, index, queue)
+
+
+@app.task(name="distill.tick_schedules", ignore_result=True)
+def tick_schedules(now: float | None = None) -> list[int]:
+    """Start or skip each due schedule slot (:mod:`service.schedules`); ``now``: unix seconds (default: the
+    clock), so a test or an operator can tick a given moment. Returns the ids of the runs it recorded."""
+    settings, sessions, storage = _runtime()
+    runtime = Runtime(settings, sessions, storage, send_unit)
+    return tick(runtime, time.time() if now is None else now)
 
 
 def _resend_after_lost_advance(sessions, job_id: int, stage: str) -> None:

@@ -4,20 +4,18 @@ token, as ``Annotated`` aliases so a route's signature shows what it needs."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Select, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from distill.errors import InputError
-from distill.storage import Storage
 from service import auth
-from service.config import Settings
 from service.datasets import Conflict, NotFound, TooLarge
 from service.db import transaction
+from service.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -54,14 +52,6 @@ def page(session: Session, query: Select[Any], order: Any, offset: int, limit: i
     """One page of ``query``'s rows in ``order``, and how many rows it has in all (``{data, count}``)."""
     count = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     return list(session.scalars(query.order_by(order).offset(offset).limit(limit)).all()), count
-
-
-@dataclass
-class Runtime:
-    settings: Settings
-    sessions: sessionmaker[Session]
-    storage: Storage
-    enqueue: Callable[[int, str, int, str], None]  # (job id, stage, unit index, queue)
 
 
 def get_runtime(request: Request) -> Runtime:

@@ -16,7 +16,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError
 from starlette.concurrency import run_in_threadpool
 
-from distill.storage import Storage
 from service import ledger
 from service.api.datasets import router as datasets_router
 from service.api.deps import Read, Runtime, RuntimeDep
@@ -24,6 +23,7 @@ from service.api.metrics import queue_depths
 from service.api.metrics import router as metrics_router
 from service.api.models import router as models_router
 from service.api.routes import router as jobs_router
+from service.api.schedules import router as schedules_router
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction, upgrade
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
             def send(job_id: int, stage: str, index: int, queue: str) -> None:
                 celery.send_task("distill.run_unit", args=[job_id, stage, index], queue=queue)
 
-        storage = Storage(settings.storage)
+        storage = settings.open_storage()
         storage.fs.makedirs(storage.root or ".", exist_ok=True)  # a fresh data dir is ready, not 503
         runtime = Runtime(settings, session_factory(engine), storage, send)
         _sweep(runtime, all_queued=True)
@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
     app.include_router(metrics_router)
     app.include_router(datasets_router)
     app.include_router(models_router)
+    app.include_router(schedules_router)
     return app
 
 

@@ -19,10 +19,19 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from service import model_upload
-from service.api.deps import Read, RuntimeDep, SessionDep, Write, get_or_404, http_errors, page
+from service.api.deps import (
+    Read,
+    RuntimeDep,
+    SessionDep,
+    Write,
+    WriteToken,
+    get_or_404,
+    http_errors,
+    page,
+)
 from service.datasets import NAME_PATTERN
-from service.models import Model
-from service.registry import lineage
+from service.models import Model, Promotion
+from service.registry import lineage, promote, promoted_model, promotions, rollback
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -70,6 +79,7 @@ class ModelPublic(BaseModel):
     info: dict[str, Any]
     created_at: str
     lineage: list[LineageEntry] = Field(description="the chain of parents, the parent first, up to the root")
+    promoted: bool = Field(description="the promoted version of its name (what jobs naming it use)")
 
 
 class ModelsPublic(BaseModel):
@@ -86,6 +96,7 @@ def _public(session, model: Model) -> ModelPublic:
         source=model.source, role=model.role, job_id=model.job_id, parent_id=model.parent_id,
         datasets=dict(model.datasets or {}), metrics=dict(model.metrics or {}), info=dict(model.info or {}),
         created_at=model.created_at.isoformat(), lineage=chain,
+        promoted=getattr(promoted_model(session, model.name), "id", None) == model.id,
     )  # fmt: skip
 
 
@@ -165,3 +176,90 @@ def download_model(model_id: int, session: SessionDep, runtime: RuntimeDep) -> F
         path, media_type="application/gzip", filename=f"{model.name}-v{model.version}.tar.gz",
         background=BackgroundTask(Path(path).unlink, missing_ok=True),
     )  # fmt: skip
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, le=2**31 - 1, description="the version of the name to promote")
+    reason: str = Field("", max_length=2000, description="why (kept in the history)")
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=2000)
+
+
+class PromotionPublic(BaseModel):
+    id: int
+    name: str
+    action: str = Field(description="promote | rollback")
+    model: LineageEntry = Field(description="the version promoted by this action")
+    previous: LineageEntry | None = Field(description="the version promoted before it")
+    reason: str
+    created_by: int | None = Field(description="the id of the API token that did it (None: a schedule)")
+    job_id: int | None = Field(description="the job whose promotion gate did it")
+    undone: bool = Field(description="a later rollback undid this promotion")
+    created_at: str
+
+
+class PromotionsPublic(BaseModel):
+    name: str
+    promoted: ModelPublic | None
+    history: list[PromotionPublic] = Field(description="the newest first")
+
+
+def _entry(session, model_id: int | None) -> LineageEntry | None:
+    model = None if model_id is None else session.get(Model, model_id)
+    if model is None:
+        return None
+    return LineageEntry(id=model.id, name=model.name, version=model.version, role=model.role)
+
+
+def _promotion_public(session, row: Promotion) -> PromotionPublic:
+    model = _entry(session, row.model_id)
+    assert model is not None
+    return PromotionPublic(
+        id=row.id, name=row.name, action=row.action, model=model, previous=_entry(session, row.previous_id),
+        reason=row.reason, created_by=row.created_by, job_id=row.job_id, undone=row.undone,
+        created_at=row.created_at.isoformat(),
+    )  # fmt: skip
+
+
+def _name_exists(session, name: str) -> None:
+    if session.scalar(select(Model.id).where(Model.name == name).limit(1)) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no model is registered as {name!r}")
+
+
+@router.get("/{name}/promotions", operation_id="list_promotions", dependencies=[Read])
+def list_promotions(name: str, session: SessionDep) -> PromotionsPublic:
+    """The promoted version of ``name`` and every promotion and rollback, with who and why."""
+    _name_exists(session, name)
+    current = promoted_model(session, name)
+    return PromotionsPublic(
+        name=name,
+        promoted=None if current is None else _public(session, current),
+        history=[_promotion_public(session, row) for row in promotions(session, name)],
+    )
+
+
+@router.post("/{name}/promote", operation_id="promote_model")
+def promote_model(name: str, body: PromoteIn, session: SessionDep, token: WriteToken) -> PromotionPublic:
+    """Make ``version`` the promoted version of ``name``: jobs and schedules naming the model use it from
+    now on. 409 when it already is."""
+    _name_exists(session, name)
+    model = session.scalar(select(Model).where(Model.name == name, Model.version == body.version))
+    if model is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{name} has no version {body.version}")
+    row = http_errors(lambda: promote(session, model, reason=body.reason, created_by=token.id))
+    return _promotion_public(session, row)
+
+
+@router.post("/{name}/rollback", operation_id="rollback_model")
+def rollback_model(name: str, body: RollbackIn, session: SessionDep, token: WriteToken) -> PromotionPublic:
+    """Promote again the version that was promoted before the current one (undoing the latest promotion);
+    rolling back twice goes two promotions back. 409 when there is none."""
+    _name_exists(session, name)
+    row = http_errors(lambda: rollback(session, name, reason=body.reason, created_by=token.id))
+    return _promotion_public(session, row)

@@ -7,111 +7,25 @@ import asyncio
 import mimetypes
 import posixpath
 import time
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from distill.errors import InputError
-from distill.pipeline import EvaluationSpec, StudentSpec
-from distill.recipes import RECIPES
-from distill.specs import CalibrationSpec, InferenceSpec
 from service import ledger
 from service.api.deps import Read, RuntimeDep, SessionDep, Write, WriteToken, get_or_404, page
-from service.api.submit import submit_job
 from service.db import transaction
+from service.job_requests import JobCreate
 from service.models import Job
+from service.submit import submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 EVENT_POLL_SECONDS = 0.5
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TeacherIn(_Body):
-    """The teacher: a registered model (``model``: its id), or trained by the job from ``recipe``."""
-
-    model: int | None = Field(None, description="id of a registered model")
-    recipe: str = "synth"
-    init: Literal["scratch", "imagenet"] = "scratch"
-    iterations: int | None = Field(None, ge=1, le=10_000_000)
-
-    @field_validator("recipe")
-    @classmethod
-    def _known_recipe(cls, value: str) -> str:
-        if value not in RECIPES:
-            raise ValueError(f"unknown recipe {value!r} (known: {', '.join(RECIPES)})")
-        return value
-
-
-class StudentIn(StudentSpec):
-    init: Literal["scratch", "imagenet", "teacher"] = "scratch"
-    recipe: str | None = None
-
-    @field_validator("recipe")
-    @classmethod
-    def _known_recipe(cls, value: str | None) -> str | None:
-        return value if value is None else TeacherIn._known_recipe(value)
-
-
-class PipelineJobCreate(_Body):
-    """A whole distillation round (or ``rounds``): teacher → multi-view inference → pseudo-labels →
-    student → evaluation on ``eval`` → promotion decision."""
-
-    type: Literal["pipeline"]
-    labeled: int = Field(description="id of a labeled dataset (with annotations)")
-    unlabeled: int = Field(description="id of an unlabeled dataset")
-    eval: int | None = Field(None, description="id of an eval dataset (teacher vs student)")
-    teacher: TeacherIn = TeacherIn()
-    inference: InferenceSpec = InferenceSpec()
-    calibration: CalibrationSpec = CalibrationSpec()
-    student: StudentIn = StudentIn()
-    evaluation: EvaluationSpec = EvaluationSpec()
-    rounds: int = Field(1, ge=1, le=20)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
-    shard_size: int | None = Field(None, ge=1, le=1_000_000, description="images per shard")
-
-
-class DistillJobCreate(_Body):
-    """Inference + fusion + calibration + pseudo-labels of ``unlabeled`` with a registered teacher."""
-
-    type: Literal["distill"]
-    labeled: int = Field(description="id of a labeled dataset (the target density)")
-    unlabeled: int
-    teacher: int = Field(description="id of a registered model")
-    inference: InferenceSpec = InferenceSpec()
-    calibration: CalibrationSpec = CalibrationSpec()
-    shard_size: int | None = Field(None, ge=1, le=1_000_000)
-
-
-class TrainJobCreate(_Body):
-    type: Literal["train"]
-    labeled: int
-    recipe: str = "synth"
-    init: Literal["scratch", "imagenet"] = "scratch"
-    iterations: int | None = Field(None, ge=1, le=10_000_000)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,128}$")
-
-    _known_recipe = field_validator("recipe")(TeacherIn._known_recipe.__func__)
-
-
-class EvaluateJobCreate(_Body):
-    type: Literal["evaluate"]
-    model: int = Field(description="id of a registered model")
-    eval: int = Field(description="id of an eval (or labeled) dataset")
-
-
-JobCreate = Annotated[
-    PipelineJobCreate | DistillJobCreate | TrainJobCreate | EvaluateJobCreate, Field(discriminator="type")
-]
 
 
 class StagePublic(BaseModel):
@@ -134,6 +48,11 @@ class JobPublic(BaseModel):
     skipped: list[Any]
     metrics: dict[str, Any]
     datasets: dict[str, Any]
+    models: dict[str, Any] = Field(
+        description="each model field -> the model it resolved to when the job started: id, name, version, "
+        "and by (id, or promoted: named by name)"
+    )
+    schedule: dict[str, Any] | None = Field(description="the schedule run that started the job, if one did")
     cancel_requested: bool
     error: str | None
     created_at: str
@@ -179,6 +98,7 @@ def _public(job: Job) -> JobPublic:
         progress={"done": job.progress_done, "total": job.progress_total}, eta_s=_eta(job),
         stages=_stages(job), warnings=list(job.warnings or []), skipped=list(job.skipped or []),
         metrics=dict(job.metrics or {}), datasets=dict((job.spec or {}).get("datasets") or {}),
+        models=dict((job.spec or {}).get("models") or {}), schedule=(job.spec or {}).get("schedule"),
         cancel_requested=job.cancel_requested, error=job.error, created_at=job.created_at.isoformat(),
         started_at=job.started_at.isoformat() if job.started_at else None,
         finished_at=job.finished_at.isoformat() if job.finished_at else None,

@@ -1,16 +1,20 @@
 """Real databases for the service tests: a SQLite file, and a PostgreSQL cluster started from Debian's
-``postgresql`` binaries on a free loopback port (skipped where they are not installed; ``.ci/run`` installs
-them). The cluster is stopped by the fixture that started it."""
+``postgresql`` binaries on a free loopback port; and a real non-local storage: Debian's OpenSSH server, which
+fsspec reaches over SFTP (each skipped where it is not installed; ``.ci/run`` installs them). Every server is
+stopped by the fixture that started it."""
 
 from __future__ import annotations
 
+import getpass
 import glob
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,64 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = f"postgresql+psycopg://distill@{server}/{name}"
     upgrade(url)
     return url
+
+
+@dataclass(frozen=True)
+class SftpServer:
+    """An OpenSSH server on a loopback port that lets the current user in with ``key`` (SFTP only used)."""
+
+    user: str
+    port: int
+    key: Path
+
+    def url(self, path: Path) -> str:
+        """The fsspec URL of the local folder ``path`` through this server."""
+        return f"sftp://{self.user}@127.0.0.1:{self.port}{path.resolve()}"
+
+    @property
+    def options(self) -> dict[str, str]:
+        return {"key_filename": str(self.key)}
+
+
+@pytest.fixture(scope="session")
+def sftp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SftpServer]:
+    """Debian's ``sshd`` (openssh-server; ``.ci/run`` installs it) with its own host key, config and
+    authorized key, bound to 127.0.0.1 on a free port; stopped by its pid at the end of the session. A
+    storage through it is a real non-local fsspec filesystem shared by every process of a test."""
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd).exists() or shutil.which("ssh-keygen") is None:
+        pytest.skip("OpenSSH's sshd is not installed (apt-get install openssh-server)")
+    pytest.importorskip("paramiko")
+    root = tmp_path_factory.mktemp("sshd")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+    shutil.copy(root / "client.pub", root / "authorized_keys")
+    port = free_port()
+    (root / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host'}\nPidFile {root / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
+        "UsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    with (root / "sshd.log").open("w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sshd, "-D", "-e", "-f", str(root / "sshd_config")],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    try:
+        for _ in range(100):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, (root / "sshd.log").read_text()
+            time.sleep(0.1)
+        yield SftpServer(getpass.getuser(), port, root / "client")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

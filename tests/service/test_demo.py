@@ -55,7 +55,7 @@ def test_the_demo_runs_through_the_service_and_stops_it(tmp_path: Path) -> None:
     # every process distill up started is gone, and its ready file (which holds the token) with it
     assert not (out / "var" / "ready.json").exists()
     started = summary["service"]
-    assert set(started["children"]) == {"api", "gpu0", "cpu", "redis"}
+    assert set(started["children"]) == {"api", "gpu0", "cpu", "beat", "redis"}
     assert not any(_alive(pid) for pid in [started["pid"], *started["children"].values()])
 
     text = describe(summary)

@@ -121,7 +121,9 @@ def test_distill_up_serves_stops_everything_and_keeps_its_admin_token(tmp_path: 
         ready = first.wait_ready()
         admin = ready["admin_token"]
         assert (
-            admin and admin.startswith("dst_") and set(ready["children"]) == {"api", "gpu0", "cpu", "redis"}
+            admin
+            and admin.startswith("dst_")
+            and set(ready["children"]) == {"api", "gpu0", "cpu", "beat", "redis"}
         )
         assert httpx.get(f"{ready['url']}/healthz").status_code == 200
         readyz = httpx.get(f"{ready['url']}/readyz", headers={"Authorization": f"Bearer {admin}"})
@@ -135,6 +137,7 @@ def test_distill_up_serves_stops_everything_and_keeps_its_admin_token(tmp_path: 
         pids = first.processes()
         commands = [cmdline(pid) for pid in pids]
         assert sum("redis-server" in c for c in commands) == 1 and sum("uvicorn" in c for c in commands) == 1
+        assert sum("workers.app beat" in c for c in commands) == 1
         assert (
             sum("-Q gpu" in c for c in commands) == 2 and sum("-Q cpu" in c for c in commands) == 2
         )  # + pools

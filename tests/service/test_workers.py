@@ -77,8 +77,9 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 class Stack:
-    """Storage with the tiny data and teacher, a migrated ledger (SQLite unless ``database``), and one real
-    Celery worker."""
+    """Storage with the tiny data and teacher (the folder ``root``, or ``storage``: the fsspec URL and options
+    the processes reach it through), a migrated ledger (SQLite unless ``database``), and one real Celery
+    worker."""
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class Stack:
         redis_url: str,
         lease: float,
         database: str | None = None,
+        storage: tuple[str, dict[str, str]] | None = None,
     ) -> None:
         self.root = tmp_path / "storage"
         shutil.copytree(tiny_data, self.root / "data")
@@ -97,7 +99,8 @@ class Stack:
         self.env = env = {
             **os.environ,
             "DISTILL_DATABASE_URL": self.database,
-            "DISTILL_STORAGE_URL": str(self.root),
+            "DISTILL_STORAGE_URL": str(self.root) if storage is None else storage[0],
+            "DISTILL_STORAGE_OPTIONS": json.dumps({} if storage is None else storage[1]),
             "DISTILL_REDIS_URL": redis_url,
             "DISTILL_LEASE_SECONDS": str(lease),
             "OMP_NUM_THREADS": "2",
