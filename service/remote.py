@@ -90,6 +90,52 @@ class Dataset(TypedDict, total=False):
     created_at: str
 
 
+class Promotion(TypedDict, total=False):
+    id: int
+    name: str
+    action: str  # promote | rollback
+    model: dict[str, Any]  # {id, name, version, role}: the version this action promoted
+    previous: dict[str, Any] | None  # the version promoted before it
+    reason: str
+    created_by: int | None  # the API token's id (None: a schedule, or the name's first version)
+    job_id: int | None  # the job whose promotion gate did it
+    undone: bool
+    created_at: str
+
+
+class Schedule(TypedDict, total=False):
+    id: int
+    name: str
+    cron: str
+    timezone: str
+    model: str  # a model name: its promoted version is each run's teacher
+    labeled: int
+    unlabeled: int
+    eval: int
+    pipeline: dict[str, Any]  # inference, calibration, student, rounds, seed, shard_size
+    min_new_images: int
+    promotion: dict[str, Any]  # {metric, min_gain}
+    paused: bool
+    next_runs: list[str]  # ISO times in the schedule's zone (none when paused)
+    created_at: str
+    updated_at: str
+
+
+class ScheduleRun(TypedDict, total=False):
+    id: int
+    slot: str  # UTC
+    state: str  # started | skipped
+    reason: str
+    job_id: int | None
+    job_state: str | None
+    teacher: dict[str, Any] | None  # {id, name, version}
+    images: int
+    new_images: int
+    decision: dict[str, Any] | None  # {promoted, teacher, student, health, primary, metrics}
+    promotion: dict[str, Any] | None  # {promoted, name, model_id, version, reason}
+    created_at: str
+
+
 class UploadReport(TypedDict):
     accepted: list[dict[str, Any]]  # {name, sha256, duplicate, uploaded_as, part}
     rejected: list[dict[str, Any]]  # {name, reason, part}
@@ -375,6 +421,55 @@ class Client:
                 files=files,
                 timeout=httpx.Timeout(None, connect=10.0),
             )
+
+    def promote_model(self, name: str, version: int, reason: str = "") -> Promotion:
+        """Make ``version`` the promoted version of ``name`` (what jobs and schedules naming it use); 409
+        when it already is, 404 for an unknown name or version."""
+        return self._json(
+            "POST", f"/v1/models/{quote(name, safe='')}/promote", json={"version": version, "reason": reason}
+        )
+
+    def rollback_model(self, name: str, reason: str = "") -> Promotion:
+        """Promote again the version promoted before the current one (its ``model``); 409 when there is
+        none."""
+        return self._json("POST", f"/v1/models/{quote(name, safe='')}/rollback", json={"reason": reason})
+
+    def promotions(self, name: str) -> dict[str, Any]:
+        """``{name, promoted: model | None, history: [promotion, ...]}``, the newest first."""
+        return self._json("GET", f"/v1/models/{quote(name, safe='')}/promotions")
+
+    # ---- schedules ----
+
+    def create_schedule(self, body: dict[str, Any]) -> Schedule:
+        """A schedule (``{name, cron, timezone, model, labeled, unlabeled, eval, pipeline, min_new_images,
+        promotion}``), with its next run times; 422 naming a bad field, 409 for a name in use."""
+        return self._json("POST", "/v1/schedules", json=body)
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule (all pages)."""
+        return self._all("/v1/schedules")  # type: ignore[return-value]
+
+    def get_schedule(self, schedule_id: int) -> Schedule:
+        return self._json("GET", f"/v1/schedules/{schedule_id}")
+
+    def update_schedule(self, schedule_id: int, **fields: Any) -> Schedule:
+        """Change any of the schedule's fields, or ``paused`` (``paused=True`` pauses it, ``False`` resumes
+        it: slots that passed meanwhile do not run)."""
+        return self._json("PATCH", f"/v1/schedules/{schedule_id}", json=fields)
+
+    def delete_schedule(self, schedule_id: int) -> None:
+        """Delete the schedule and its run history (the jobs it started and their models stay)."""
+        self._json("DELETE", f"/v1/schedules/{schedule_id}")
+
+    def list_schedule_runs(self, schedule_id: int, *, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+        """``{data: [run, ...], count}``, the newest first."""
+        return self._json(
+            "GET", f"/v1/schedules/{schedule_id}/runs", params={"offset": offset, "limit": limit}
+        )
+
+    def schedule_runs(self, schedule_id: int) -> list[ScheduleRun]:
+        """Every run of the schedule (all pages), the newest first."""
+        return self._all(f"/v1/schedules/{schedule_id}/runs")  # type: ignore[return-value]
 
     # ---- jobs ----
 

@@ -1,5 +1,6 @@
 """``distill remote``: drive a distill service over HTTP with :class:`service.remote.Client` — log in, upload
-datasets, submit jobs, watch them, download what they wrote.
+datasets, submit jobs, watch them, download what they wrote, promote and roll back model versions
+(``models``), schedule retraining (``schedule``).
 
 The service's URL and token come from ``--url`` / ``--token``, else ``DISTILL_REMOTE_URL`` /
 ``DISTILL_REMOTE_TOKEN``, else the file ``distill remote login`` writes
@@ -36,10 +37,19 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Use a distill service over HTTP: log in, upload datasets, run and watch jobs, download artifacts.",
+    help="Use a distill service over HTTP: log in, upload datasets, run and watch jobs, download artifacts, "
+    "promote models, schedule retraining.",
 )
 run_app = typer.Typer(no_args_is_help=True, help="Submit a job (prints its id; --watch follows it).")
 app.add_typer(run_app, name="run")
+models_app = typer.Typer(invoke_without_command=True)
+app.add_typer(models_app, name="models")
+schedule_app = typer.Typer(
+    no_args_is_help=True,
+    help="Scheduled retraining: a pipeline on a cron, its teacher the model's promoted version, its student "
+    "promoted when it beats the teacher on the eval dataset.",
+)
+app.add_typer(schedule_app, name="schedule")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 """What a directory upload sends (the service's image extensions); other files are skipped."""
@@ -48,6 +58,8 @@ BATCH_MB = 64
 PIPELINE_KEYS = ("teacher", "inference", "calibration", "student", "evaluation", "rounds", "seed",
                  "model_name", "shard_size")  # fmt: skip
 DISTILL_KEYS = ("inference", "calibration", "shard_size")
+SCHEDULE_KEYS = ("inference", "calibration", "student", "rounds", "seed", "shard_size")
+"""A schedule's ``pipeline``: its teacher is the model's promoted version, its evaluation the schedule's."""
 
 
 class Kind(StrEnum):
@@ -454,20 +466,109 @@ def datasets(url: Url = None, token: Token = None) -> None:
     Console().print(table)
 
 
-@app.command()
-def models(url: Url = None, token: Token = None) -> None:
-    """The service's registered models."""
+# --------------------------------------------------------------------------------------------------
+# models: the registry and its promotion gate
+# --------------------------------------------------------------------------------------------------
+
+
+def _inherit(ctx: typer.Context, url: str | None, token: str | None) -> tuple[str | None, str | None]:
+    """A subcommand's ``--url`` / ``--token``, else those given to its group (``models --url X promote``)."""
+    given = ctx.obj if isinstance(ctx.obj, dict) else {}
+    return (url if url is not None else given.get("url"), token if token is not None else given.get("token"))
+
+
+@models_app.callback()
+def models(ctx: typer.Context, url: Url = None, token: Token = None) -> None:
+    """The service's registered models; promote a version, roll back, show the promotion history.
+
+    Without a subcommand: every version, the newest first (`promoted`: the version that jobs and schedules
+    naming the model use)."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"url": url, "token": token}
+        return
     from rich.console import Console
     from rich.table import Table
 
     with _client(url, token) as client:
         rows = client.models()
-    table = Table("id", "name", "version", "role", "backend", "source", "job", "parent", "created")
+    keys = ("id", "name", "version", "promoted", "role", "backend", "source", "job_id", "parent_id")
+    table = Table("id", "name", "version", "promoted", "role", "backend", "source", "job", "parent",
+                  "created")  # fmt: skip
     for m in rows:
-        keys = ("id", "name", "version", "role", "backend", "source", "job_id", "parent_id")
-        cells = [m.get(k) for k in keys]
+        cells = [_yes(m[k]) if isinstance(m.get(k), bool) else m.get(k) for k in keys]
         table.add_row(*("" if c is None else str(c) for c in cells), _when(m.get("created_at")))
     Console().print(table)
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _version(entry: dict[str, Any] | None) -> str:
+    return "" if not entry else f"v{entry.get('version')}"
+
+
+ModelName = Annotated[str, typer.Argument(metavar="NAME", help="a model name (`distill remote models`)")]
+Reason = Annotated[str, typer.Option(help="why (kept in the promotion history)")]
+
+
+@models_app.command("promote")
+def models_promote(
+    ctx: typer.Context,
+    name: ModelName,
+    version: Annotated[int, typer.Argument(min=1, help="the version of NAME to promote")],
+    reason: Reason = "",
+    url: Url = None,
+    token: Token = None,
+) -> None:
+    """Make VERSION the promoted version of NAME: jobs and schedules naming the model use it from now on."""
+    with _client(*_inherit(ctx, url, token)) as client:
+        done = client.promote_model(name, version, reason)
+    previous = f" (was {_version(done.get('previous'))})" if done.get("previous") else ""
+    typer.echo(f"promoted {done['name']} {_version(done['model'])} (model {done['model']['id']}){previous}")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    ctx: typer.Context, name: ModelName, reason: Reason = "", url: Url = None, token: Token = None
+) -> None:
+    """Undo NAME's latest promotion: the version promoted before it is promoted again (twice: two back)."""
+    with _client(*_inherit(ctx, url, token)) as client:
+        done = client.rollback_model(name, reason)
+    undone = f"; {_version(done.get('previous'))} is no longer promoted" if done.get("previous") else ""
+    model = done["model"]
+    typer.echo(f"rolled back {done['name']} to {_version(model)} (model {model['id']}){undone}")
+
+
+@models_app.command("history")
+def models_history(ctx: typer.Context, name: ModelName, url: Url = None, token: Token = None) -> None:
+    """NAME's promoted version and every promotion and rollback, the newest first, with who did it and why
+    (`by`: the API token's id, or the job whose promotion gate did it)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    with _client(*_inherit(ctx, url, token)) as client:
+        found = client.promotions(name)
+    console = Console()
+    current = found.get("promoted")
+    if current:
+        console.print(f"{found['name']}: promoted {_version(current)} (model {current['id']})", markup=False)
+    else:
+        console.print(f"{found['name']}: no promoted version", markup=False)
+    table = Table("when", "action", "version", "previous", "undone", "by", "reason")
+    for row in found.get("history") or []:
+        by = ""
+        if row.get("created_by") is not None:
+            by = f"token {row['created_by']}"
+        elif row.get("job_id") is not None:
+            by = f"job {row['job_id']}"
+        table.add_row(
+            _when(row.get("created_at")), row["action"], _version(row.get("model")),
+            _version(row.get("previous")), "yes" if row.get("undone") else "", by,
+            Text(row.get("reason") or ""),  # free text: no rich markup
+        )  # fmt: skip
+    console.print(table)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,25 +624,27 @@ def _config_sections(path: Path | None, keys: tuple[str, ...], command: str) -> 
     return sections
 
 
-def _model_id(client: Client, ref: str) -> int:
-    """A model id: ``ref`` itself when it is a number, else the latest version of the model called
-    ``ref`` (or ``NAME:VERSION``)."""
+def _model_id(client: Client, ref: str) -> int | str:
+    """A model reference for a job: ``ref`` itself when it is a number (an id) or a bare name (the server
+    takes that name's promoted version when the job starts, and records it), else the id of version
+    ``VERSION`` of ``NAME:VERSION``."""
     from service.remote import RemoteError
 
     if ref.isdigit():
         return int(ref)
-    name, _, version = ref.rpartition(":") if ref.rpartition(":")[2].isdigit() else (ref, "", "")
+    name, _, version = ref.rpartition(":")
+    if not (name and version.isdigit()):
+        return ref
     try:
         found = [m for m in client.models(name=name) if m.get("name") == name]
     except RemoteError as exc:
         if exc.status in (404, 405):
             _fail(f"--teacher-model {ref!r}: this service lists no models (GET /v1/models); give a model id")
         raise
-    if version:
-        found = [m for m in found if str(m.get("version")) == version]
+    found = [m for m in found if str(m.get("version")) == version]
     if not found:
         _fail(f"--teacher-model {ref!r}: no such model (`distill remote models` lists them)")
-    return int(max(found, key=lambda m: m.get("version") or 0)["id"])
+    return int(found[0]["id"])
 
 
 def _submit(client: Client, body: dict[str, Any], watch: bool) -> None:
@@ -573,7 +676,10 @@ def run_pipeline(
     eval: Annotated[str | None, typer.Option("--eval", help="an eval dataset: teacher vs student")] = None,
     teacher_model: Annotated[
         str | None,
-        typer.Option(help="a registered teacher (id, name or NAME:VERSION); default: the job trains one"),
+        typer.Option(
+            help="a registered teacher (id, name: its promoted version, or NAME:VERSION); default: the job "
+            "trains one"
+        ),
     ] = None,
     config: Config = None,
     watch: Watch = False,
@@ -605,7 +711,9 @@ def run_pipeline(
 def run_distill(
     labeled: Labeled,
     unlabeled: Unlabeled,
-    teacher_model: Annotated[str, typer.Option(help="the registered teacher (id, name or NAME:VERSION)")],
+    teacher_model: Annotated[
+        str, typer.Option(help="the registered teacher: id, name (its promoted version) or NAME:VERSION")
+    ],
     config: Config = None,
     watch: Watch = False,
     url: Url = None,
@@ -826,3 +934,201 @@ def download(
     partial = [a["name"] for a in chosen if a.get("partial")]
     if partial:
         _note(f"partial (the job did not succeed, or a stream in progress): {', '.join(partial[:10])}")
+
+
+# --------------------------------------------------------------------------------------------------
+# schedules
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve_schedule(client: Client, ref: str) -> dict[str, Any]:
+    """The schedule called ``ref``, or with the id ``ref``."""
+    found = client.schedules()
+    for schedule in found:
+        if schedule.get("name") == ref:
+            return dict(schedule)
+    for schedule in found:
+        if ref.isdigit() and schedule.get("id") == int(ref):
+            return dict(schedule)
+    _fail(f"no schedule {ref!r} on {client.url} (`distill remote schedule list` lists them)")
+
+
+def _slot(stamp: str | None, timezone: str | None = None) -> str:
+    """``2025-01-02 03:00+01:00``: an ISO time to the minute, in ``timezone`` (default: its own offset)."""
+    if not stamp:
+        return ""
+    try:
+        moment = dt.datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    if timezone:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
+            moment = moment.astimezone(ZoneInfo(timezone))
+    return moment.isoformat(sep=" ", timespec="minutes")
+
+
+def _schedule_pipeline(path: Path | None) -> dict[str, Any]:
+    """A schedule's ``pipeline`` from a config: its ``pipeline:`` section, else (and under it) its top-level
+    inference, calibration, student, rounds, seed, shard_size (other sections left out, with a note)."""
+    sections = _config_sections(path, (*SCHEDULE_KEYS, "pipeline"), "scheduled pipeline")
+    nested = sections.pop("pipeline", None)
+    if nested is None:
+        return sections
+    if not isinstance(nested, dict):
+        _fail(f"{path}: pipeline: expected a mapping ({', '.join(SCHEDULE_KEYS)})")
+    return {**sections, **nested}
+
+
+ScheduleRef = Annotated[
+    str, typer.Argument(metavar="SCHEDULE", help="a schedule's id or name (`distill remote schedule list`)")
+]
+
+
+@schedule_app.command("create")
+def schedule_create(
+    name: Annotated[str, typer.Argument(help="the schedule's name (letters, digits, '.', '_', '-')")],
+    cron: Annotated[
+        str, typer.Option(help="5 fields: minute hour day-of-month month day-of-week, e.g. '0 3 * * *'")
+    ],
+    model: Annotated[
+        str, typer.Option(help="a model name: its promoted version is each run's teacher")
+    ],
+    labeled: Labeled,
+    unlabeled: Annotated[str, typer.Option(help="the unlabeled dataset new images arrive in (name or id)")],
+    eval: Annotated[
+        str, typer.Option("--eval", help="the dataset the promotion gate scores on (name or id)")
+    ],
+    timezone: Annotated[str, typer.Option(help="the IANA time zone the cron is read in")] = "UTC",
+    min_new_images: Annotated[
+        int, typer.Option(min=0, help="skip a slot with fewer new unlabeled images since the last run")
+    ] = 0,
+    metric: Annotated[
+        str, typer.Option(help="the promotion gate's metric on the eval dataset, IOU_TYPE/METRIC")
+    ] = "bbox/AP",
+    min_gain: Annotated[
+        float, typer.Option(min=0, max=1, help="how much the student must beat the teacher by (AP: 0..1)")
+    ] = 0.0,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", exists=True, dir_okay=False,
+            help="YAML / JSON of the pipeline each run starts: a pipeline: section, or top-level "
+            "inference, calibration, student, rounds, seed, shard_size",
+        ),
+    ] = None,
+    url: Url = None,
+    token: Token = None,
+) -> None:  # fmt: skip
+    """A retraining schedule: at each cron time a pipeline job — the model's promoted version as teacher,
+    the student promoted when it beats it on the eval dataset by --min-gain.
+
+    Prints the schedule's id, then (on stderr) its next run times in its time zone."""
+    pipeline = _schedule_pipeline(config)
+    with _client(url, token) as client:
+        body: dict[str, Any] = {
+            "name": name, "cron": cron, "timezone": timezone, "model": model,
+            "labeled": _resolve_dataset(client, labeled)["id"],
+            "unlabeled": _resolve_dataset(client, unlabeled)["id"],
+            "eval": _resolve_dataset(client, eval)["id"], "pipeline": pipeline,
+            "min_new_images": min_new_images, "promotion": {"metric": metric, "min_gain": min_gain},
+        }  # fmt: skip
+        created = client.create_schedule(body)
+    typer.echo(created["id"])
+    _note(f"schedule {created['name']!r} (id {created['id']}): {created['cron']} in {created['timezone']}")
+    for when in created.get("next_runs") or []:
+        _note(f"  next run {_slot(when)}")
+
+
+@schedule_app.command("list")
+def schedule_list(url: Url = None, token: Token = None) -> None:
+    """The service's schedules (`next run`: in the schedule's time zone; none while paused)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(url, token) as client:
+        rows = client.schedules()
+    table = Table("id", "name", "cron", "timezone", "model", "paused", "next run")
+    for sc in rows:
+        upcoming = sc.get("next_runs") or []
+        table.add_row(str(sc["id"]), sc["name"], sc["cron"], sc["timezone"], sc["model"],
+                      _yes(sc.get("paused")), _slot(upcoming[0]) if upcoming else "")  # fmt: skip
+    Console().print(table)
+
+
+def _set_paused(ref: str, paused: bool, url: str | None, token: str | None) -> None:
+    with _client(url, token) as client:
+        found = client.update_schedule(_resolve_schedule(client, ref)["id"], paused=paused)
+    upcoming = found.get("next_runs") or []
+    then = f"; next run {_slot(upcoming[0])}" if upcoming else ""
+    state = "paused" if found.get("paused") else "resumed"
+    typer.echo(f"schedule {found['name']} (id {found['id']}) {state}{then}")
+
+
+@schedule_app.command("pause")
+def schedule_pause(schedule: ScheduleRef, url: Url = None, token: Token = None) -> None:
+    """Stop starting runs (a run in progress goes on)."""
+    _set_paused(schedule, True, url, token)
+
+
+@schedule_app.command("resume")
+def schedule_resume(schedule: ScheduleRef, url: Url = None, token: Token = None) -> None:
+    """Start runs again, from the next cron time (the slots missed while paused do not run)."""
+    _set_paused(schedule, False, url, token)
+
+
+def _run_primary(decision: dict[str, Any] | None) -> str:
+    primary = (decision or {}).get("primary")
+    if not isinstance(primary, dict):
+        return ""
+    return f"{primary.get('metric')} {_percent(primary.get('teacher'))} -> {_percent(primary.get('student'))}"
+
+
+@schedule_app.command("runs")
+def schedule_runs(
+    schedule: ScheduleRef,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="at most this many, newest first")] = 50,
+    url: Url = None,
+    token: Token = None,
+) -> None:
+    """A schedule's runs, the newest first: the job each started (or why its slot was skipped), the teacher
+    version, the unlabeled images (all / new), the primary metric teacher -> student, and whether (and why)
+    the student was promoted."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    with _client(url, token) as client:
+        found = _resolve_schedule(client, schedule)
+        page = client.list_schedule_runs(found["id"], limit=limit)
+    console = Console()
+    if not page["data"]:
+        console.print(f"schedule {found['name']} (id {found['id']}): no runs yet", markup=False)
+        return
+    table = Table("slot", "state", "job", "job state", "teacher", "images/new", "primary", "promoted",
+                  "reason")  # fmt: skip
+    for run in page["data"]:
+        promotion = run.get("promotion") or {}
+        promoted = "" if not promotion else _yes(promotion.get("promoted"))
+        if promotion.get("promoted") and promotion.get("version") is not None:
+            promoted = f"yes: v{promotion['version']}"
+        job = run.get("job_id")
+        table.add_row(
+            _slot(run.get("slot"), found.get("timezone")), run["state"], "" if job is None else str(job),
+            run.get("job_state") or "", _version(run.get("teacher")),
+            f"{run.get('images', 0)}/{run.get('new_images', 0)}", _run_primary(run.get("decision")), promoted,
+            Text(run.get("reason") or promotion.get("reason") or ""),
+        )  # fmt: skip
+    console.print(table)
+    if page["count"] > len(page["data"]):
+        console.print(f"{len(page['data'])} of {page['count']} runs (--limit)")
+
+
+@schedule_app.command("delete")
+def schedule_delete(schedule: ScheduleRef, url: Url = None, token: Token = None) -> None:
+    """Delete a schedule and its run history (the jobs it started and their models stay)."""
+    with _client(url, token) as client:
+        found = _resolve_schedule(client, schedule)
+        client.delete_schedule(found["id"])
+    typer.echo(f"deleted schedule {found['name']} (id {found['id']})")

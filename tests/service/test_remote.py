@@ -5,10 +5,13 @@ fixture that started it; the CLI runs through typer's CliRunner with its config 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import re
 import shutil
 import stat
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,10 +29,10 @@ from service import auth, ledger
 from service.api.main import create_app
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction, upgrade
-from service.models import Job, Shard
+from service.models import Job, ScheduleRun, Shard
 from service.registry import register_model
 from service.remote import Client, RemoteError, parse_events
-from service.remote_cli import app
+from service.remote_cli import _schedule_pipeline, app
 from tests.service.conftest import free_port
 
 
@@ -245,13 +248,17 @@ def test_run_distill_with_a_teacher_by_name(cli, service: Service, tiny_data: Pa
     job_id = int(result.stdout.strip())
     with transaction(service.sessions) as session:
         job = session.get(Job, job_id)
-        assert (job.type, job.spec["parent_model_id"]) == ("distill", 2)  # the latest version
-        assert job.spec["config"]["teacher"]["model"] == "models/teach/2"
-    pinned = cli("run", "distill", "--labeled", "lab", "--unlabeled", "unl", "--teacher-model", "teach:1")
+        # a name is its promoted version (the first, until another is promoted), recorded on the job
+        assert (job.type, job.spec["parent_model_id"]) == ("distill", 1)
+        assert job.spec["config"]["teacher"]["model"] == "models/teach/1"
+        assert job.spec["models"]["teacher"] == {"id": 1, "name": "teach", "version": 1, "by": "promoted"}
+    pinned = cli("run", "distill", "--labeled", "lab", "--unlabeled", "unl", "--teacher-model", "teach:2")
     with transaction(service.sessions) as session:
-        assert session.get(Job, int(pinned.stdout.strip())).spec["parent_model_id"] == 1
+        assert session.get(Job, int(pinned.stdout.strip())).spec["parent_model_id"] == 2
     missing = cli("run", "distill", "--labeled", "lab", "--unlabeled", "unl", "--teacher-model", "other")
-    assert missing.exit_code == 2 and "--teacher-model 'other': no such model" in missing.output
+    assert missing.exit_code == 2 and "teacher: 'other' is not a registered model name" in missing.output
+    unknown = cli("run", "distill", "--labeled", "lab", "--unlabeled", "unl", "--teacher-model", "teach:7")
+    assert unknown.exit_code == 2 and "--teacher-model 'teach:7': no such model" in unknown.output
     listed = cli("models")
     assert listed.exit_code == 0 and "teach" in listed.output
 
@@ -353,6 +360,194 @@ def test_datasets_table(cli, service: Service, tiny_data: Path) -> None:
     assert table.exit_code == 0
     row = next(line for line in table.output.splitlines() if " lab " in line)
     assert "labeled" in row and "12" in row and "yes: 42 instances" in row
+
+
+def _table(output: str) -> list[list[str]]:
+    """The body rows of the rich tables in ``output``, as their cells."""
+    lines = [line for line in output.splitlines() if line.startswith("│")]
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines]
+
+
+def _model_archive(model_dir: Path, out: Path) -> Path:
+    """A .tar.gz of the model's loading files inside one folder (what POST /v1/models takes)."""
+    with tarfile.open(out, "w:gz") as archive:
+        for name in ("config.yaml", "weights.pt", "meta.json"):
+            archive.add(model_dir / name, arcname=f"tiny/{name}")
+    return out
+
+
+def test_models_promote_history_rollback(cli, service: Service, tiny_config, tmp_path: Path) -> None:
+    from distill.models.torchvision import TorchvisionDetector
+
+    _login(cli, service)
+    untrained = TorchvisionDetector(tiny_config).save(tmp_path / "model")  # promotion needs no training
+    archive = _model_archive(untrained, tmp_path / "tiny.tar.gz")
+    with Client(service.url, service.writer) as client:
+        v1, v2 = (client.upload_model("tiny", archive) for _ in range(2))
+    assert (v1["version"], v1["promoted"], v2["version"], v2["promoted"]) == (1, True, 2, False)
+
+    def promoted() -> dict[str, str]:  # version -> the `promoted` column of `distill remote models`
+        listed = cli("models")
+        assert listed.exit_code == 0, listed.output
+        return {row[2]: row[3] for row in _table(listed.output) if row[1] == "tiny"}
+
+    assert promoted() == {"1": "yes", "2": "no"}
+    result = cli("models", "promote", "tiny", "2", "--reason", "x")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"promoted tiny v2 (model {v2['id']}) (was v1)"
+    assert promoted() == {"1": "no", "2": "yes"}
+    again = cli("models", "promote", "tiny", "2")
+    assert again.exit_code == 2 and "HTTP 409: tiny v2 is already the promoted version" in again.output
+    missing = cli("models", "promote", "tiny", "9")
+    assert missing.exit_code == 2 and "HTTP 404: tiny has no version 9" in missing.output
+    unknown = cli("models", "history", "nope")
+    assert unknown.exit_code == 2 and "no model is registered as 'nope'" in unknown.output
+    # the group's --token serves its subcommands: a read token may look, not promote
+    read = cli("models", "--token", service.reader, "promote", "tiny", "1")
+    assert read.exit_code == 2 and "HTTP 403" in read.output, read.output
+
+    history = cli("models", "--token", service.reader, "history", "tiny")
+    assert history.exit_code == 0, history.output
+    assert history.output.splitlines()[0] == f"tiny: promoted v2 (model {v2['id']})"
+    rows = _table(history.output)  # when, action, version, previous, undone, by, reason; the newest first
+    assert [r[1:5] + r[6:] for r in rows] == [
+        ["promote", "v2", "v1", "", "x"],
+        ["promote", "v1", "", "", "first version"],
+    ]
+    assert re.fullmatch(r"token \d+", rows[0][5]) and rows[1][5] == ""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", rows[0][0])
+
+    back = cli("models", "rollback", "tiny", "--reason", "v2 misses [bikes]")
+    assert back.exit_code == 0, back.output
+    assert back.output.strip() == f"rolled back tiny to v1 (model {v1['id']}); v2 is no longer promoted"
+    assert promoted() == {"1": "yes", "2": "no"}
+    rows = _table(cli("models", "history", "tiny").output)
+    assert [r[1:5] + r[6:] for r in rows] == [
+        ["rollback", "v1", "v2", "", "v2 misses [bikes]"],
+        ["promote", "v2", "v1", "yes", "x"],
+        ["promote", "v1", "", "", "first version"],
+    ]
+    twice = cli("models", "rollback", "tiny")
+    assert twice.exit_code == 2, twice.output
+    assert "HTTP 409: tiny v1 has no earlier promoted version to roll back to" in twice.output
+    with Client(service.url, service.reader) as client:
+        found = client.promotions("tiny")
+    assert found["promoted"]["id"] == v1["id"] and len(found["history"]) == 3
+
+
+NEXT_RUN = r"\d{4}-\d\d-\d\d 03:00\+0[12]:00"  # 03:00 in Paris: CET or CEST
+
+
+def test_schedule_create_list_pause_runs_delete(
+    cli, service: Service, tiny_data: Path, tmp_path: Path
+) -> None:
+    _login(cli, service)
+    _datasets(cli, tiny_data)
+    evaluation = cli("upload", str(tiny_data / "images"), "--dataset", "ev", "--kind", "eval",
+                     "--annotations", str(tiny_data / "test.json"))  # fmt: skip
+    assert evaluation.exit_code == 0, evaluation.output
+    with transaction(service.sessions) as session:  # the schedule needs only the name registered
+        teacher = register_model(session, name="tiny", key="models/tiny/1", backend="torchvision",
+                                 source="upload", role="imported").id  # fmt: skip
+    with Client(service.url, service.reader) as client:
+        eval_id = client.find_dataset("ev")["id"]
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump({"teacher": {"iterations": 9}, "student": {"iterations": 5}, "seed": 3}))
+    create = ["schedule", "create", "nightly", "--timezone", "Europe/Paris", "--model", "tiny",
+              "--labeled", "lab", "--unlabeled", "unl", "--eval", str(eval_id)]  # fmt: skip
+
+    for bad, says in [
+        (["--cron", "61 * * * *"], "cron: '61 * * * *' is not a cron expression"),
+        (["--cron", "0 3 * * *", "--timezone", "Mars/Olympus"], "timezone: 'Mars/Olympus'"),
+        (["--cron", "0 3 * * *", "--model", "nope"], "model: no model is registered as 'nope'"),
+        (["--cron", "0 3 * * *", "--eval", "nope"], "no dataset 'nope'"),
+    ]:
+        refused = cli(*create, *bad)
+        assert refused.exit_code == 2 and says in refused.output, (bad, refused.output)
+    assert cli("schedule", "list").output.count("nightly") == 0
+
+    made = cli(*create, "--cron", "0 3 * * *", "--min-new-images", "4", "--min-gain", "0.01",
+               "--config", str(config))  # fmt: skip
+    assert made.exit_code == 0, made.output
+    schedule_id = int(made.stdout.strip())
+    assert "leaving out teacher" in made.output
+    assert f"schedule 'nightly' (id {schedule_id}): 0 3 * * * in Europe/Paris" in made.output
+    runs_at = re.findall(r"next run (.+)", made.output)
+    assert len(runs_at) == 5 and all(re.fullmatch(NEXT_RUN, t) for t in runs_at), made.output
+    with Client(service.url, service.reader) as client:
+        stored = client.get_schedule(schedule_id)
+    assert (stored["labeled"], stored["unlabeled"], stored["eval"]) == (1, 2, eval_id)
+    assert stored["pipeline"]["seed"] == 3 and stored["pipeline"]["student"]["iterations"] == 5
+    assert stored["promotion"] == {"metric": "bbox/AP", "min_gain": 0.01} and stored["min_new_images"] == 4
+    taken = cli(*create, "--cron", "0 4 * * *")
+    assert taken.exit_code == 2 and "HTTP 409: a schedule is already named 'nightly'" in taken.output
+
+    def listed() -> list[str]:
+        result = cli("schedule", "list")
+        assert result.exit_code == 0, result.output
+        (row,) = _table(result.output)
+        return row
+
+    row = listed()
+    assert row[:6] == [str(schedule_id), "nightly", "0 3 * * *", "Europe/Paris", "tiny", "no"]
+    assert row[6] == runs_at[0]
+    paused = cli("schedule", "pause", "nightly")  # by name
+    assert paused.exit_code == 0 and paused.output.strip() == f"schedule nightly (id {schedule_id}) paused"
+    assert listed()[5:] == ["yes", ""]  # no next run while paused
+    resumed = cli("schedule", "resume", str(schedule_id))  # by id
+    assert resumed.exit_code == 0, resumed.output
+    assert re.fullmatch(rf"schedule nightly \(id {schedule_id}\) resumed; next run {NEXT_RUN}",
+                        resumed.output.strip())  # fmt: skip
+    assert listed()[5] == "no"
+
+    empty = cli("schedule", "runs", "nightly")
+    assert empty.exit_code == 0, empty.output
+    assert empty.output.strip() == f"schedule nightly (id {schedule_id}): no runs yet"
+
+    # two runs recorded as a tick would: a skipped slot, then one that started a job the gate promoted from
+    job = cli("run", "pipeline", "--labeled", "lab", "--unlabeled", "unl", "--eval", "ev")
+    job_id = int(job.stdout.strip())
+    with transaction(service.sessions) as session:
+        decide = next(s for s in session.get(Job, job_id).plan if s.partition("@")[0] == "decide")
+    decision = {
+        "promoted": True, "primary": {"metric": "bbox/AP", "teacher": 0.125, "student": 0.25},
+        "promotion": {"promoted": True, "name": "tiny", "model_id": 7, "version": 2, "reason": "beat v1"},
+    }  # fmt: skip
+    _finish(service, job_id, "succeeded", metrics={decide: decision})
+    with transaction(service.sessions) as session:
+        slot = dt.datetime(2030, 1, 1, 2, 0, tzinfo=dt.UTC)  # 03:00 in Paris
+        session.add(ScheduleRun(schedule_id=schedule_id, slot=slot, state="skipped",
+                                reason="3 new images, fewer than 4", images=3, new_images=3))  # fmt: skip
+        session.add(ScheduleRun(schedule_id=schedule_id, slot=slot + dt.timedelta(days=1), state="started",
+                                job_id=job_id, teacher_id=teacher, images=24, new_images=21))  # fmt: skip
+    result = cli("schedule", "runs", str(schedule_id))
+    assert result.exit_code == 0, result.output
+    assert _table(result.output) == [  # the newest first, slots in the schedule's zone
+        ["2030-01-02 03:00+01:00", "started", str(job_id), "succeeded", "v1", "24/21",
+         "bbox/AP 12.5 -> 25.0", "yes: v2", "beat v1"],
+        ["2030-01-01 03:00+01:00", "skipped", "", "", "", "3/3", "", "", "3 new images, fewer than 4"],
+    ]  # fmt: skip
+    assert cli("schedule", "runs", "nightly", "--limit", "1").output.strip().endswith("1 of 2 runs (--limit)")
+    with Client(service.url, service.reader) as client:
+        runs = client.schedule_runs(schedule_id)
+    assert [r["state"] for r in runs] == ["started", "skipped"] and runs[0]["decision"]["promoted"] is True
+
+    deleted = cli("schedule", "delete", "nightly")
+    assert deleted.exit_code == 0 and deleted.output.strip() == f"deleted schedule nightly (id {schedule_id})"
+    assert _table(cli("schedule", "list").output) == []
+    gone = cli("schedule", "pause", "nightly")
+    assert gone.exit_code == 2 and "no schedule 'nightly'" in gone.output
+
+
+def test_schedule_pipeline_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump({"pipeline": {"rounds": 2, "student": {"iterations": 4}}, "seed": 1}))
+    assert _schedule_pipeline(nested) == {"rounds": 2, "student": {"iterations": 4}, "seed": 1}
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"data": {"labeled": "x"}, "inference": {"views": "1x"}, "model_name": "m"}))
+    assert _schedule_pipeline(flat) == {"inference": {"views": "1x"}}
+    assert "leaving out data, model_name" in capsys.readouterr().err
+    assert _schedule_pipeline(None) == {}
 
 
 # ---- the client alone, over httpx's mock transport ----
