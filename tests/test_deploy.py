@@ -337,7 +337,8 @@ def test_every_distill_variable_is_a_setting(clean_env) -> None:
                 continue
             field = key.removeprefix("DISTILL_").lower()
             assert field in Settings.model_fields, f"{name}: {key} is no field of service.config.Settings"
-            values[field] = value
+            if value is not None:  # None: passed through from the host only when set there
+                values[field] = value
         if values:
             Settings(**values)  # validated as the service reads them (unknown names are refused too)
     url = _database_url()
