@@ -2,7 +2,8 @@
 
 Calibration aims the pseudo-labels at the labeled set's density, so a round whose pseudo-labels end far
 from it did not work: a teacher that finds (almost) nothing (collapse) or a threshold that let everything
-through (explosion). A student whose training ended with a non-finite loss is broken whatever its score.
+through (explosion). A student whose training ended with a non-finite loss is broken whatever its score
+(distill's loop stops on one; the check guards a backend that records it and goes on).
 Each check returns the problems it found, as sentences; an empty list is healthy.
 """
 

@@ -30,7 +30,8 @@ from distill.storage import Storage
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="forbid")
+    # an empty variable is an unset one (compose passes ``VAR:`` through empty when the host has it empty)
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="forbid", env_ignore_empty=True)
 
     data_dir: Path = Path("var")
     database_url: str | None = None

@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.models import Job, Shard, utcnow
+from service.models import Job, Shard, aware, utcnow
 
 __all__ = [
     "Advance",
@@ -50,6 +50,7 @@ __all__ = [
     "request_cancel",
     "retry_job",
     "sweep",
+    "undelivered",
 ]
 
 ACTIVE = ("queued", "running")
@@ -373,6 +374,34 @@ def sweep(
     ).all()
     units = [(int(j), str(s), int(i), str(q)) for j, s, i, q in queued]
     return units if all_queued else [u for u in units if u[:3] in requeued]
+
+
+def undelivered(session: Session, *, now: float, older_than: float) -> list[tuple[int, str, int, str]]:
+    """Units of an active job's current stage that were never delivered (queued, no attempt) although their
+    stage began more than ``older_than`` seconds ago, as ``(job_id, stage, index, queue)``: their task may
+    have been lost between the commit that queued them and the broker (an enqueue that failed, a worker
+    killed between advancing a job and sending its next stage). The caller resends those whose broker
+    queue is empty (a resent unit that was in fact delivered runs once: the claim decides)."""
+    rows = session.scalars(
+        select(Shard)
+        .join(Job)
+        .where(
+            Shard.state == "queued",
+            Shard.attempts == 0,
+            Shard.stage == Job.stage,
+            Job.state.in_(ACTIVE),
+            Job.cancel_requested.is_(False),
+        )
+        .order_by(Shard.job_id, Shard.stage, Shard.index)
+    ).all()
+    units = []
+    for shard in rows:
+        job = shard.job
+        ended = [s.finished_at for s in job.shards if s.stage != job.stage and s.finished_at is not None]
+        began = max(ended) if ended else aware(job.created_at).timestamp()
+        if now - began > older_than:
+            units.append((shard.job_id, shard.stage, shard.index, shard.queue))
+    return units
 
 
 def _cancel_idle(session: Session, now: float) -> None:

@@ -54,8 +54,7 @@ def register_model(
                 session.add(model)
         except IntegrityError:
             continue
-        if version == 1:
-            _set_promoted(session, name, model.id, expected=None)
+        if version == 1 and _set_promoted(session, name, model.id, expected=None):
             session.add(Promotion(name=name, action="promote", model_id=model.id, reason="first version"))
         return model
     raise RuntimeError(f"model {name!r}: no free version after 10 tries")

@@ -13,7 +13,8 @@ schedule's latest due slot and, when no run of that slot exists, records one:
 
 When the job's ``decide`` stage finishes a round, :func:`apply_gate` promotes its student over the teacher
 if the round's decision says it won (beat the teacher on the eval dataset by ``min_gain``, and passed the
-health checks) and the teacher is still the promoted version; the outcome is ``job.metrics["promotion"]``.
+health checks) and the teacher is still the promoted version; the outcome is the ``promotion`` of that
+round's decision (``job.metrics["decide@K"]["promotion"]``), and a refusal ends the job.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadCronError, CroniterBadDateError, croniter
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from distill.errors import InputError
@@ -33,7 +34,7 @@ from service import ledger, registry
 from service.datasets import Conflict
 from service.db import transaction
 from service.job_requests import PipelineJobCreate
-from service.models import Image, Job, Model, Schedule, ScheduleRun, utcnow
+from service.models import Image, Job, Model, Schedule, ScheduleRun, aware, utcnow
 from service.runtime import Runtime
 from service.submit import submit_job
 
@@ -52,9 +53,13 @@ def zone(timezone: str) -> ZoneInfo:
 
 
 def check_cron(cron: str) -> str:
-    """``cron`` if it is a valid 5-field cron expression, else an :class:`InputError` naming ``cron``."""
+    """``cron`` if it is a valid 5-field cron expression, else an :class:`InputError` naming ``cron``.
+    croniter's random and hashed fields (``R``, ``H``) are refused: each parse would pick other times, and a
+    slot must be the same moment at every tick."""
     if len(cron.split()) != 5 or not croniter.is_valid(cron):
         raise InputError(f"cron: {cron!r} is not a cron expression (5 fields: minute hour day month weekday)")
+    if any(mark in cron.upper() for mark in ("R", "H")):
+        raise InputError(f"cron: {cron!r}: random (R) and hashed (H) fields are not supported")
     return cron
 
 
@@ -67,19 +72,38 @@ def next_runs(cron: str, timezone: str, after: dt.datetime, count: int = NEXT_RU
         raise InputError(f"cron: {cron!r} never fires") from None
 
 
+SCAN = dt.timedelta(hours=26)  # a day and a daylight-saving shift
+
+
 def due_slot(schedule: Schedule, now: dt.datetime) -> dt.datetime | None:
-    """The latest slot of ``schedule`` at or before ``now`` and after its last change (UTC), or None."""
-    try:
-        it = croniter(schedule.cron, now.astimezone(zone(schedule.timezone)) + dt.timedelta(microseconds=1))
-        slot = it.get_prev(dt.datetime).astimezone(dt.UTC)
-    except (CroniterBadCronError, CroniterBadDateError, InputError):
-        return None
+    """The latest slot of ``schedule`` at or before ``now`` and after its last change (UTC), or None.
+
+    Found by stepping forward (``get_next``) through the last 26 hours, because croniter's ``get_prev``
+    skips or repeats slots around a daylight-saving change; a sparser cron (weekly, monthly) with no slot in
+    that window falls back to ``get_prev``."""
     since = aware(schedule.updated_at)
-    return slot if slot > since else None
+    tz = zone(schedule.timezone) if _known_zone(schedule.timezone) else None
+    if tz is None or now <= since:
+        return None
+    try:
+        it = croniter(schedule.cron, max(since, now - SCAN).astimezone(tz))
+        slot = None
+        while (candidate := it.get_next(dt.datetime).astimezone(dt.UTC)) <= now:
+            slot = candidate
+        if slot is None and now - SCAN > since:
+            back = croniter(schedule.cron, (now - SCAN).astimezone(tz) + dt.timedelta(microseconds=1))
+            slot = back.get_prev(dt.datetime).astimezone(dt.UTC)
+    except (CroniterBadCronError, CroniterBadDateError, ValueError):
+        return None
+    return slot if slot is not None and slot > since else None
 
 
-def aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)  # SQLite drops the zone
+def _known_zone(timezone: str) -> bool:
+    try:
+        zone(timezone)
+    except InputError:
+        return False
+    return True
 
 
 def pipeline_request(schedule: Schedule, teacher: int | str) -> PipelineJobCreate:
@@ -129,22 +153,18 @@ def _run_exists(session: Session, schedule_id: int, slot: dt.datetime) -> bool:
     return session.scalar(query) is not None
 
 
-def _record_skip(
-    runtime: Runtime, schedule_id: int, slot: dt.datetime, reason: str, **fields: Any
-) -> int | None:
-    with transaction(runtime.sessions) as session:
-        run = ScheduleRun(schedule_id=schedule_id, slot=slot, state="skipped", reason=reason, **fields)
-        try:
-            with session.begin_nested():
-                session.add(run)
-        except IntegrityError:
-            return None  # another tick recorded this slot
-        logger.info("schedule %d: slot %s skipped: %s", schedule_id, slot.isoformat(), reason)
-        return run.id
+def _image_counts(session: Session, dataset_id: int, *, since: int) -> dict[str, int]:
+    """The unlabeled dataset's images now, how many came after image id ``since``, and the newest id."""
+    total, upto = session.execute(
+        select(func.count(Image.id), func.max(Image.id)).where(Image.dataset_id == dataset_id)
+    ).one()
+    new = session.scalar(select(func.count(Image.id)).where(Image.dataset_id == dataset_id, Image.id > since))
+    return {"images": int(total or 0), "new_images": int(new or 0), "images_upto": int(upto or 0)}
 
 
-def _why_not(session: Session, schedule: Schedule) -> tuple[str | None, dict[str, Any]]:
-    """Why the schedule's next run should not start now (None: it should), and the run's image counts."""
+def _why_not(session: Session, schedule: Schedule) -> tuple[str | None, dict[str, Any], int]:
+    """Why the schedule's next run should not start now (None: it should), the run's image counts, and
+    the newest image id of the last successful run (images after it are new)."""
     last = session.scalars(
         select(ScheduleRun)
         .where(ScheduleRun.schedule_id == schedule.id, ScheduleRun.state == "started")
@@ -153,36 +173,73 @@ def _why_not(session: Session, schedule: Schedule) -> tuple[str | None, dict[str
     if last is not None and last.job_id is not None:
         job = session.get(Job, last.job_id)
         if job is not None and job.state in ledger.ACTIVE:
-            return f"the previous run (job {job.id}) is still {job.state}", {}
-    images = select(func.count(Image.id), func.max(Image.id)).where(Image.dataset_id == schedule.unlabeled)
-    total, upto = session.execute(images).one()
+            return f"the previous run (job {job.id}) is still {job.state}", {}, 0
     succeeded = session.scalars(
         select(ScheduleRun)
         .join(Job, Job.id == ScheduleRun.job_id)
         .where(ScheduleRun.schedule_id == schedule.id, Job.state == "succeeded")
         .order_by(ScheduleRun.id.desc())
     ).first()
-    since = 0 if succeeded is None else succeeded.images_upto
-    new = session.scalar(
-        select(func.count(Image.id)).where(Image.dataset_id == schedule.unlabeled, Image.id > since)
-    )
-    counts = {"images": int(total or 0), "new_images": int(new or 0), "images_upto": int(upto or 0)}
+    since = 0
+    if succeeded is not None:
+        job = session.get(Job, succeeded.job_id)
+        same = job is not None and (job.spec.get("datasets") or {}).get("unlabeled") == schedule.unlabeled
+        since = succeeded.images_upto if same else 0  # another unlabeled dataset: every image is new
+    counts = _image_counts(session, schedule.unlabeled, since=since)
     if counts["new_images"] < schedule.min_new_images:
         after = "ever" if succeeded is None else f"since the last successful run (job {succeeded.job_id})"
         needs = schedule.min_new_images
-        return f"{counts['new_images']} new unlabeled images {after}; the schedule needs {needs}", counts
+        return (
+            f"{counts['new_images']} new unlabeled images {after}; the schedule needs {needs}",
+            counts,
+            since,
+        )
     if registry.promoted_model(session, schedule.model) is None:
-        return f"model {schedule.model!r} has no promoted version to use as the teacher", counts
-    return None, counts
+        return f"model {schedule.model!r} has no promoted version to use as the teacher", counts, since
+    return None, counts, since
+
+
+class _Stale(Exception):
+    """The schedule was paused, edited or deleted after the tick chose the slot."""
+
+
+def _current(session: Session, schedule_id: int, slot: dt.datetime) -> Schedule:
+    """The schedule, its row locked until the transaction ends, if ``slot`` is still one of its due slots
+    (not paused, not edited since); else :class:`_Stale`. A PATCH waits for the lock, or is waited for."""
+    schedule = session.get(Schedule, schedule_id, with_for_update=True, populate_existing=True)
+    if schedule is None or schedule.paused or not slot > aware(schedule.updated_at):
+        raise _Stale
+    return schedule
+
+
+def _record(
+    runtime: Runtime, schedule_id: int, slot: dt.datetime, state: str, reason: str, **fields
+) -> int | None:
+    """Record a slot that starts no job (``skipped``, or ``failed`` to start); None: already recorded, or
+    the schedule changed meanwhile."""
+    with transaction(runtime.sessions) as session:
+        try:
+            _current(session, schedule_id, slot)
+        except _Stale:
+            return None
+        run = ScheduleRun(schedule_id=schedule_id, slot=slot, state=state, reason=reason, **fields)
+        try:
+            with session.begin_nested():
+                session.add(run)
+        except IntegrityError:
+            return None  # another tick recorded this slot
+        logger.info("schedule %d: slot %s %s: %s", schedule_id, slot.isoformat(), state, reason)
+        return run.id
 
 
 def run_slot(runtime: Runtime, schedule_id: int, slot: dt.datetime) -> int | None:
-    """Record what ``slot`` of the schedule does (start a job or skip); None when it was already recorded."""
+    """Record what ``slot`` of the schedule does (start a job, skip, or fail to start, with the reason);
+    None when it was already recorded, or the schedule was paused or changed after the slot was chosen."""
     with runtime.sessions() as session:
         schedule = session.get(Schedule, schedule_id)
-        if schedule is None or _run_exists(session, schedule_id, slot):
+        if schedule is None or schedule.paused or _run_exists(session, schedule_id, slot):
             return None
-        reason, counts = _why_not(session, schedule)
+        reason, counts, since = _why_not(session, schedule)
         name, created_by, request = schedule.model, schedule.created_by, None
         if reason is None:
             try:  # the model by name: its promoted version when the job is created
@@ -190,29 +247,35 @@ def run_slot(runtime: Runtime, schedule_id: int, slot: dt.datetime) -> int | Non
             except ValueError as exc:  # settings that were valid once and are not now
                 reason = f"the schedule's pipeline settings are invalid: {exc}"
     if reason is not None or request is None:
-        return _record_skip(runtime, schedule_id, slot, reason or "invalid settings", **counts)
+        return _record(runtime, schedule_id, slot, "skipped", reason or "invalid settings", **counts)
     run_ids: list[int] = []
 
     def on_create(session: Session, job_id: int, models: dict[str, Any]) -> dict[str, Any]:
+        schedule = _current(session, schedule_id, slot)
         teacher_id = models["teacher"]["id"]
         run = ScheduleRun(
             schedule_id=schedule_id, slot=slot, state="started", job_id=job_id, teacher_id=teacher_id,
-            **counts,
+            **_image_counts(session, schedule.unlabeled, since=since),  # counted in the job's transaction
         )  # fmt: skip
         session.add(run)
         session.flush()  # the unique (schedule, slot) decides here, before any input is snapshotted
         run_ids.append(run.id)
         return {
             "schedule": {"id": schedule_id, "run": run.id, "slot": slot.isoformat()},
-            "promote": {"name": name, "teacher_id": teacher_id},
+            "promote": {"name": name},
         }
 
     try:
         job_id = submit_job(runtime, request, created_by=created_by, on_create=on_create)
-    except IntegrityError:
-        return None  # another tick started this slot
+    except (IntegrityError, _Stale):
+        return None  # another tick started this slot, or the schedule changed since the tick chose it
     except InputError as exc:  # a dataset gone, or no promoted version, since the checks above
-        return _record_skip(runtime, schedule_id, slot, f"the job was refused: {exc}", **counts)
+        return _record(runtime, schedule_id, slot, "skipped", f"the job was refused: {exc}", **counts)
+    except SQLAlchemyError:
+        raise  # the database: the next tick tries this slot again
+    except Exception as exc:  # storage and the like: recorded, so the slot does not vanish unexplained
+        logger.exception("schedule %d: slot %s could not start", schedule_id, slot.isoformat())
+        return _record(runtime, schedule_id, slot, "failed", f"{type(exc).__name__}: {exc}", **counts)
     logger.info("schedule %d: slot %s started job %d", schedule_id, slot.isoformat(), job_id)
     return run_ids[0]
 

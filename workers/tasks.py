@@ -156,6 +156,8 @@ def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages
             promotion = apply_gate(session, job, outcome.metrics)
             if promotion is not None:
                 outcome.metrics["promotion"] = promotion
+                # a refused student does not teach the next round: it could only be refused again
+                outcome.stop = outcome.stop or not promotion["promoted"]
         _record(job, lease.stage, outcome)
         register_job_models(session, job, outcome.models)
         if outcome.scored_model is not None:

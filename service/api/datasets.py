@@ -8,7 +8,6 @@ never blocks the event loop. Upload parts are Starlette ``UploadFile`` s (spoole
 
 from __future__ import annotations
 
-import datetime as dt
 import mimetypes
 from typing import Annotated, Any, Literal
 
@@ -19,7 +18,7 @@ from sqlalchemy import func, select
 
 from service import datasets
 from service.api.deps import Read, RuntimeDep, SessionDep, Write, get_or_404, http_errors, page
-from service.models import Dataset, Image
+from service.models import Dataset, Image, aware
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -81,9 +80,7 @@ class UploadPublic(BaseModel):
 
 
 def _public(dataset: Dataset) -> DatasetPublic:
-    created = dataset.created_at
-    if created.tzinfo is None:  # SQLite keeps no zone: the service writes UTC
-        created = created.replace(tzinfo=dt.UTC)
+    created = aware(dataset.created_at)
     return DatasetPublic(
         id=dataset.id, name=dataset.name, kind=dataset.kind, annotations=dataset.annotations_key is not None,
         stats=dict(dataset.stats or {}), created_at=created.isoformat(),

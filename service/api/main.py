@@ -34,22 +34,26 @@ def _operation_id(route: APIRoute) -> str:
     return route.name  # stable ids: the function names
 
 
-def _sweep(runtime: Runtime, *, all_queued: bool) -> None:
-    """Expired leases back to the queue (and, on start, every queued unit enqueued again)."""
-    settings = runtime.settings
+def _sweep(runtime: Runtime, *, all_queued: bool, broker_url: str | None = None) -> None:
+    """Expired leases back to the queue (and, on start, every queued unit enqueued again). Periodically,
+    also the units never delivered although their stage began a sweep ago, when their broker queue is empty
+    (their task was lost: an enqueue that failed after the job's commit)."""
+    settings, now = runtime.settings, time.time()
     with transaction(runtime.sessions) as session:
-        units = ledger.sweep(
-            session, now=time.time(), max_attempts=settings.max_attempts, all_queued=all_queued
-        )
+        units = ledger.sweep(session, now=now, max_attempts=settings.max_attempts, all_queued=all_queued)
+        lost = [] if all_queued else ledger.undelivered(session, now=now, older_than=settings.sweep_seconds)
+    if lost and broker_url is not None:
+        depths = queue_depths(broker_url, tuple({unit[3] for unit in lost}))
+        units += [u for u in lost if depths[u[3]] == 0 and u not in units]
     for job_id, stage, index, queue in units:
         runtime.enqueue(job_id, stage, index, queue)
 
 
-async def _sweep_every(runtime: Runtime, seconds: float) -> None:
+async def _sweep_every(runtime: Runtime, seconds: float, broker_url: str | None) -> None:
     while True:
         await asyncio.sleep(seconds)
         try:
-            await run_in_threadpool(_sweep, runtime, all_queued=False)
+            await run_in_threadpool(_sweep, runtime, all_queued=False, broker_url=broker_url)
         except Exception:  # a database or broker hiccup: log it, try again next time
             logger.exception("ledger sweep failed")
 
@@ -81,7 +85,7 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
         runtime = Runtime(settings, session_factory(engine), storage, send)
         _sweep(runtime, all_queued=True)
         app.state.runtime = runtime
-        sweeper = asyncio.create_task(_sweep_every(runtime, settings.sweep_seconds))
+        sweeper = asyncio.create_task(_sweep_every(runtime, settings.sweep_seconds, app.state.broker_url))
         yield
         sweeper.cancel()
         if celery is not None:

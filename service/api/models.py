@@ -30,7 +30,7 @@ from service.api.deps import (
     page,
 )
 from service.datasets import NAME_PATTERN
-from service.models import Model, Promotion
+from service.models import Model, Promotion, aware
 from service.registry import lineage, promote, promoted_model, promotions, rollback
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -95,7 +95,7 @@ def _public(session, model: Model) -> ModelPublic:
         id=model.id, name=model.name, version=model.version, key=model.key, backend=model.backend,
         source=model.source, role=model.role, job_id=model.job_id, parent_id=model.parent_id,
         datasets=dict(model.datasets or {}), metrics=dict(model.metrics or {}), info=dict(model.info or {}),
-        created_at=model.created_at.isoformat(), lineage=chain,
+        created_at=aware(model.created_at).isoformat(), lineage=chain,
         promoted=getattr(promoted_model(session, model.name), "id", None) == model.id,
     )  # fmt: skip
 
@@ -223,7 +223,7 @@ def _promotion_public(session, row: Promotion) -> PromotionPublic:
     return PromotionPublic(
         id=row.id, name=row.name, action=row.action, model=model, previous=_entry(session, row.previous_id),
         reason=row.reason, created_by=row.created_by, job_id=row.job_id, undone=row.undone,
-        created_at=row.created_at.isoformat(),
+        created_at=aware(row.created_at).isoformat(),
     )  # fmt: skip
 
 

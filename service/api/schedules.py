@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from distill.errors import InputError
 from distill.pipeline import EvaluationSpec
@@ -17,7 +18,7 @@ from distill.specs import CalibrationSpec, InferenceSpec
 from service import schedules
 from service.api.deps import Read, SessionDep, WriteToken, get_or_404, http_errors, page
 from service.job_requests import NAME, StudentIn
-from service.models import Job, Model, Schedule, ScheduleRun
+from service.models import Job, Model, Schedule, ScheduleRun, aware
 from service.submit import ROLE_KINDS, check_dataset
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
@@ -98,7 +99,7 @@ class SchedulesPublic(BaseModel):
 class RunPublic(BaseModel):
     id: int
     slot: str = Field(description="the cron slot, UTC")
-    state: str = Field(description="started | skipped")
+    state: str = Field(description="started | skipped | failed (could not start: the reason says why)")
     reason: str = Field(description="why a slot was skipped")
     job_id: int | None
     job_state: str | None
@@ -108,7 +109,11 @@ class RunPublic(BaseModel):
     decision: dict[str, Any] | None = Field(
         description="the last round's decision: promoted, primary metric, health, both metric sets"
     )
-    promotion: dict[str, Any] | None = Field(description="what the promotion gate did, and why")
+    promotion: dict[str, Any] | None = Field(
+        description="what the promotion gate did, and why: the round that promoted (the last one, if several "
+        "did), else the last round's refusal"
+    )
+    rounds: list[dict[str, Any]] = Field(description="each round's gate outcome, in order")
     created_at: str
 
 
@@ -128,8 +133,8 @@ def _public(schedule: Schedule) -> SchedulePublic:
         pipeline=PipelineSettings.model_validate(schedule.pipeline or {}),
         min_new_images=schedule.min_new_images,
         promotion=PromotionRule.model_validate(schedule.promotion or {}), paused=schedule.paused,
-        next_runs=upcoming, created_at=schedule.created_at.isoformat(),
-        updated_at=schedule.updated_at.isoformat(),
+        next_runs=upcoming, created_at=aware(schedule.created_at).isoformat(),
+        updated_at=aware(schedule.updated_at).isoformat(),
     )  # fmt: skip
 
 
@@ -140,6 +145,10 @@ def _validate(session, fields: ScheduleFields) -> None:
     schedules.next_runs(fields.cron, fields.timezone, dt.datetime.now(dt.UTC), count=1)
     for role in ROLE_KINDS:
         check_dataset(session, role, getattr(fields, role))
+    if fields.eval == fields.labeled:
+        raise InputError(
+            f"eval: dataset {fields.eval} is the labeled dataset: the gate would score on training data"
+        )
     if session.scalar(select(Model.id).where(Model.name == fields.model).limit(1)) is None:
         raise InputError(f"model: no model is registered as {fields.model!r}")
     plain = set(ScheduleFields.model_fields) - {"pipeline", "promotion"}
@@ -169,8 +178,11 @@ def create_schedule(body: ScheduleCreate, session: SessionDep, token: WriteToken
         pipeline=body.pipeline.model_dump(mode="json", exclude_defaults=True),
         promotion=body.promotion.model_dump(mode="json"), created_by=token.id,
     )  # fmt: skip
-    session.add(schedule)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(schedule)
+    except IntegrityError:  # created at the same moment by another request
+        raise HTTPException(status.HTTP_409_CONFLICT, f"a schedule is already named {body.name!r}") from None
     return _public(schedule)
 
 
@@ -192,29 +204,43 @@ def update_schedule(
     schedule_id: int, body: ScheduleUpdate, session: SessionDep, token: WriteToken
 ) -> SchedulePublic:
     """Pause (``{"paused": true}``), resume, or edit; the result is validated as a whole (422)."""
-    schedule = _schedule(session, schedule_id)
+    schedule = session.get(Schedule, schedule_id, with_for_update=True)  # a tick starting a slot waits
+    if schedule is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"schedule {schedule_id} does not exist")
     current = ScheduleFields.model_validate(
         {k: getattr(schedule, k) for k in ScheduleFields.model_fields}
     ).model_dump(mode="json")
     changes = body.model_dump(mode="json", exclude_unset=True)
     paused = changes.pop("paused", None)
     merged = http_errors(lambda: _merge(current, changes))
-    if changes:
+    changed = merged.model_dump(mode="json") != current
+    if changed:
         http_errors(lambda: _validate(session, merged))
         for key in ScheduleFields.model_fields:
             value = getattr(merged, key)
             setattr(schedule, key, value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
-    if paused is not None and paused != schedule.paused:
+    resumed = paused is False and schedule.paused
+    if paused is not None:
         schedule.paused = paused
-    if changes or paused is False:
+    if changed or resumed:
         schedules.touch(schedule)  # slots that passed while paused or before the edit do not run
     session.flush()
     return _public(schedule)
 
 
+def _patched(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``current`` with ``changes`` merged in, objects key by key (a JSON merge patch without deletes):
+    ``{"promotion": {"min_gain": 0.01}}`` keeps the metric."""
+    out = dict(current)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _patched(out[key], value) if both else value
+    return out
+
+
 def _merge(current: dict[str, Any], changes: dict[str, Any]) -> ScheduleFields:
     try:
-        return ScheduleFields.model_validate({**current, **changes})
+        return ScheduleFields.model_validate(_patched(current, changes))
     except ValidationError as exc:
         error = exc.errors()[0]
         raise InputError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
@@ -244,16 +270,19 @@ def list_schedule_runs(
 
 def _run_public(session, run: ScheduleRun) -> RunPublic:
     job = None if run.job_id is None else session.get(Job, run.job_id)
-    decision = None
+    decisions: list[dict[str, Any]] = []
     if job is not None:
+        metrics = job.metrics or {}
         decides = [stage for stage in (job.plan or []) if stage.partition("@")[0] == "decide"]
-        decision = next((job.metrics[s] for s in reversed(decides) if s in (job.metrics or {})), None)
+        decisions = [metrics[s] for s in decides if s in metrics]
+    outcomes = [d["promotion"] for d in decisions if d.get("promotion")]
+    promotion = next((o for o in reversed(outcomes) if o.get("promoted")), outcomes[-1] if outcomes else None)
+    last = decisions[-1] if decisions else None
     return RunPublic(
-        id=run.id, slot=schedules.aware(run.slot).isoformat(), state=run.state, reason=run.reason,
+        id=run.id, slot=aware(run.slot).isoformat(), state=run.state, reason=run.reason,
         job_id=run.job_id, job_state=None if job is None else job.state,
         teacher=schedules.describe_teacher(session, run.teacher_id), images=run.images,
         new_images=run.new_images,
-        decision=None if decision is None else {k: v for k, v in decision.items() if k != "promotion"},
-        promotion=None if decision is None else decision.get("promotion"),
-        created_at=run.created_at.isoformat(),
+        decision=None if last is None else {k: v for k, v in last.items() if k != "promotion"},
+        promotion=promotion, rounds=outcomes, created_at=aware(run.created_at).isoformat(),
     )  # fmt: skip

@@ -257,3 +257,38 @@ def test_a_pipeline_job_from_uploads_to_artifacts_survives_an_api_restart(
             client.close()
         api.close()
         stack.close()
+
+
+def test_a_job_whose_first_tasks_were_lost_is_sent_again_by_the_periodic_sweep(
+    tmp_path: Path,
+    tiny_data: Path,
+    trained_tiny_model: Path,
+    redis_url: str,  # noqa: F811
+) -> None:
+    """The job's commit happened but its tasks never reached Redis (an enqueue that failed): once its stage
+    has waited a sweep with the broker queue empty, the API's periodic sweep sends them; each runs once."""
+    from distill.storage import Storage
+    from service.jobs import submit_distill_job
+    from service.models import Job
+    from tests.service.test_workers import VIEWS
+
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=120)
+    stack.env["DISTILL_SWEEP_SECONDS"] = "1"
+    api = Api(stack, tmp_path)
+    api.start()
+    try:
+        job_id = submit_distill_job(
+            stack.sessions, Storage(stack.root), model="models/teacher", unlabeled="data/unlabeled.json",
+            unlabeled_images="data/images", labeled="data/labeled.json", inference=VIEWS, shard_size=12,
+            enqueue=lambda *unit: None,  # lost
+        )  # fmt: skip
+        job = stack.wait(job_id, lambda j: j.state in ("succeeded", "failed", "cancelled"), timeout=600)
+        assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
+        with transaction(stack.sessions) as session:
+            units = session.get(Job, job_id).shards
+            assert [(u.stage, u.state, u.attempts) for u in units] == [
+                ("infer", "done", 1), ("infer", "done", 1), ("pseudo_label", "done", 1),
+            ]  # fmt: skip
+    finally:
+        api.close()
+        stack.close()

@@ -215,6 +215,18 @@ def test_scheduled_retraining_runs_each_slot_once_gates_promotion_and_rolls_back
         assert job2["metrics"]["infer"] == {"images": 24, "cached": 16, "inferred": len(later)}
         assert [r["state"] for r in runs(nightly["id"])] == ["started", "skipped", "skipped", "started"]
 
+        # an edit changes only what it names (nested objects merged), and counts slots afresh
+        client.patch(f"/v1/schedules/{nightly['id']}", json={"promotion": {"metric": "bbox/AP50"}})
+        edited = client.patch(f"/v1/schedules/{nightly['id']}", json={"promotion": {"min_gain": 0.5},
+                                                                      "pipeline": {"rounds": 2}})  # fmt: skip
+        assert edited.status_code == 200, edited.text
+        edited = edited.json()
+        assert edited["promotion"] == {"metric": "bbox/AP50", "min_gain": 0.5}
+        assert edited["pipeline"]["rounds"] == 2 and edited["pipeline"]["inference"]["views"] == "1x:flip"
+        assert edited["updated_at"] > nightly["updated_at"]
+        bad = client.patch(f"/v1/schedules/{nightly['id']}", json={"cron": "every night"})
+        assert bad.status_code == 422 and "cron" in bad.text
+
         # paused: no next runs; the beats' every-minute slots were each recorded once, all skipped
         def real_minutes() -> list[dict]:  # the slots the beats ticked (the test's ticks are years ahead)
             return [r for r in runs(every["id"]) if r["slot"] < "2027"]

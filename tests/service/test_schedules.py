@@ -18,7 +18,7 @@ from service import registry, schedules
 from service.config import Settings
 from service.datasets import Conflict, NotFound, create_dataset, ingest, put_annotations
 from service.db import make_engine, session_factory, transaction
-from service.models import Base, Job, Model, Schedule, ScheduleRun
+from service.models import Base, Job, Model, Schedule, ScheduleRun, aware
 from service.runtime import Runtime
 
 UTC = dt.UTC
@@ -109,10 +109,33 @@ def test_slots_follow_the_time_zone_and_only_the_latest_due_one_counts() -> None
     )
     # slots before the schedule's last change never run
     assert schedules.due_slot(schedule, dt.datetime(2026, 3, 1, 1, tzinfo=UTC)) is None
+    with pytest.raises(InputError, match="random \\(R\\) and hashed \\(H\\) fields"):
+        schedules.check_cron("R 3 * * *")  # croniter would pick another minute at each parse
+    with pytest.raises(InputError, match="cron: 'H 3 \\* \\* \\*'"):
+        schedules.check_cron("H 3 * * *")
     with pytest.raises(InputError, match="cron: '0 3 \\* \\*' is not a cron expression"):
         schedules.check_cron("0 3 * *")
     with pytest.raises(InputError, match="timezone"):
         schedules.next_runs("0 3 * * *", "Nowhere/City", dt.datetime.now(UTC))
+
+
+def test_every_slot_runs_once_across_the_night_the_clocks_go_back() -> None:
+    """Paris leaves summer time on 27 October 2024 at 01:00 UTC (03:00 CEST → 02:00 CET): ticks every five
+    minutes see every hourly slot once, in order, and 02:30 local, which happens twice, as two slots."""
+
+    def slots(cron: str) -> list[str]:
+        schedule = _schedule(cron=cron, updated_at=dt.datetime(2024, 10, 20, tzinfo=UTC))
+        seen: list[dt.datetime] = []
+        moment = dt.datetime(2024, 10, 26, 22, 1, tzinfo=UTC)
+        while moment < dt.datetime(2024, 10, 27, 4, tzinfo=UTC):
+            slot = schedules.due_slot(schedule, moment)
+            if slot is not None and slot > dt.datetime(2024, 10, 26, 21, tzinfo=UTC) and slot not in seen:
+                seen.append(slot)
+            moment += dt.timedelta(minutes=5)
+        return [s.strftime("%H:%M") for s in seen]
+
+    assert slots("0 * * * *") == ["22:00", "23:00", "00:00", "01:00", "02:00", "03:00"]
+    assert slots("30 2 * * *") == ["00:30", "01:30"]
 
 
 def _job_with_gate(session, teacher: Model) -> Job:
@@ -207,9 +230,30 @@ def test_concurrent_ticks_start_one_job_per_slot_and_record_skips_once(
         runs = {s: [(r.slot, r.state) for r in session.query(ScheduleRun).filter_by(schedule_id=s)]
                 for s in (start.id, skip.id)}  # fmt: skip
         slot = dt.datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
-        assert [(schedules.aware(t), state) for t, state in runs[start.id]] == [(slot, "started")]
-        assert [(schedules.aware(t), state) for t, state in runs[skip.id]] == [(slot, "skipped")]
+        assert [(aware(t), state) for t, state in runs[start.id]] == [(slot, "started")]
+        assert [(aware(t), state) for t, state in runs[skip.id]] == [(slot, "skipped")]
         jobs = session.query(Job).all()
         assert len(jobs) == 1 and jobs[0].spec["schedule"]["slot"] == slot.isoformat()
         assert jobs[0].spec["models"]["teacher"]["by"] == "promoted"
     assert sent == [(jobs[0].id, "evaluate_teacher", 0, "gpu")]  # the first stage, sent once
+
+    # a slot chosen before a pause or an edit records nothing: the tick re-checks under the row's lock
+    later = dt.datetime(2026, 1, 1, 0, 10, tzinfo=UTC)
+    with transaction(sessions) as session:
+        session.get(Schedule, skip.id).updated_at = dt.datetime(2026, 1, 1, 0, 11, tzinfo=UTC)  # edited
+        session.get(Schedule, start.id).paused = True
+    assert schedules.run_slot(runtime, skip.id, later) is None
+    assert schedules.run_slot(runtime, start.id, later) is None
+    with transaction(sessions) as session:
+        assert session.query(ScheduleRun).count() == 2 and session.query(Job).count() == 1
+
+
+def test_storage_options_come_from_json_and_an_empty_variable_is_unset(monkeypatch) -> None:
+    monkeypatch.setenv("DISTILL_STORAGE_OPTIONS", '{"key_filename": "/keys/id", "port": 2222}')
+    monkeypatch.setenv("DISTILL_SCHEDULE_TICK_SECONDS", "5")
+    settings = Settings()
+    assert settings.storage_options == {"key_filename": "/keys/id", "port": 2222}
+    assert settings.schedule_tick_seconds == 5.0
+    monkeypatch.setenv("DISTILL_STORAGE_OPTIONS", "")
+    monkeypatch.setenv("DISTILL_SCHEDULE_TICK_SECONDS", "")
+    assert Settings().storage_options == {} and Settings().schedule_tick_seconds == 30.0
