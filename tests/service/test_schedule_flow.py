@@ -180,6 +180,12 @@ def test_scheduled_retraining_runs_each_slot_once_gates_promotion_and_rolls_back
         versions = {m["version"]: m for m in client.get("/v1/models", params={"name": "tiny"}).json()["data"]}
         assert set(versions) == {1, 2} and versions[1]["promoted"] and not versions[2]["promoted"]
         assert versions[2]["parent_id"] == v1["id"] and versions[2]["role"] == "student"
+        lineage = versions[2]["info"]  # what the student was made from: the inputs' content and the config
+        assert (
+            lineage["inputs"]["unlabeled"]["images"] == 16 and len(lineage["inputs"]["eval"]["sha256"]) == 64
+        )
+        assert lineage["config"]["evaluation"] == {"primary": "bbox/AP", "min_gain": 1.0}
+        assert versions[2]["metrics"][str(test)]["bbox"]["AP"] >= 0  # scored on the eval dataset
 
         # slot 3 without new images: skipped
         tick(slots[2] + dt.timedelta(seconds=1))
