@@ -107,8 +107,8 @@ def _known_zone(timezone: str) -> bool:
 
 
 def pipeline_request(schedule: Schedule, teacher: int | str) -> PipelineJobCreate:
-    """The pipeline job a run of ``schedule`` starts, with ``teacher`` (an id, or the model name while the
-    schedule is only being checked)."""
+    """The pipeline job a run of ``schedule`` starts with ``teacher``: a model id, or a name (resolved to its
+    promoted version when the job is created)."""
     promotion = schedule.promotion or {}
     return PipelineJobCreate.model_validate(
         {
@@ -132,9 +132,9 @@ def tick(runtime: Runtime, now: float) -> list[int]:
     """Start or skip the due slot of every active schedule at unix time ``now``; returns the new run ids."""
     moment = dt.datetime.fromtimestamp(now, dt.UTC)
     with runtime.sessions() as session:
-        schedules = list(session.scalars(select(Schedule).where(Schedule.paused.is_(False))))
+        active = list(session.scalars(select(Schedule).where(Schedule.paused.is_(False))))
     runs = []
-    for schedule in schedules:
+    for schedule in active:
         slot = due_slot(schedule, moment)
         if slot is None:
             continue
@@ -283,7 +283,7 @@ def run_slot(runtime: Runtime, schedule_id: int, slot: dt.datetime) -> int | Non
 # -- the promotion gate --------------------------------------------------------------------------------------
 def apply_gate(session: Session, job: Job, decision: dict[str, Any]) -> dict[str, Any] | None:
     """Promote the round's student when its decision says so and its teacher is still promoted; returns the
-    outcome recorded as ``job.metrics["promotion"]`` (None: the job does not promote)."""
+    outcome, recorded as the decision's ``promotion`` (None: the job does not promote)."""
     gate = (job.spec or {}).get("promote")
     if not gate:
         return None
