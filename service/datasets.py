@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from distill.data.coco import CocoDataset, coco_statistics, validate_coco
@@ -41,7 +41,7 @@ from distill.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_size
 from distill.errors import CocoFormatError, ImageDecodeError, InputError
 from distill.storage import Storage
 from service.db import transaction
-from service.models import Dataset, Image, Job
+from service.models import Dataset, Image, Job, Schedule
 
 KINDS = ("labeled", "unlabeled", "eval")
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -254,7 +254,7 @@ def _job_datasets(spec: Any) -> set[int]:
 
 def delete_dataset(sessions: sessionmaker[Session], storage: Storage, dataset_id: int) -> None:
     """Remove the dataset's rows, then its storage folder; :class:`Conflict` while a queued or running job
-    names it in ``spec["datasets"]``."""
+    names it in ``spec["datasets"]``, or a schedule names it."""
     with transaction(sessions) as session:
         dataset = session.execute(
             select(Dataset).where(Dataset.id == dataset_id).with_for_update()
@@ -267,6 +267,13 @@ def delete_dataset(sessions: sessionmaker[Session], storage: Storage, dataset_id
             raise Conflict(
                 f"{_dataset_label(dataset)} is used by active job(s) {_listing([str(u) for u in users])}: "
                 "cancel them or wait until they end"
+            )
+        roles = (Schedule.labeled, Schedule.unlabeled, Schedule.eval)
+        named = session.scalars(select(Schedule.name).where(or_(*(r == dataset_id for r in roles)))).all()
+        if named:
+            raise Conflict(
+                f"{_dataset_label(dataset)} is used by schedule(s) {_listing(sorted(named))}: edit or delete "
+                "them first"
             )
         session.execute(Image.__table__.delete().where(Image.dataset_id == dataset_id))
         session.delete(dataset)

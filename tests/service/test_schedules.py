@@ -16,9 +16,9 @@ from distill.errors import InputError
 from distill.storage import Storage
 from service import registry, schedules
 from service.config import Settings
-from service.datasets import Conflict, NotFound, create_dataset, ingest, put_annotations
+from service.datasets import Conflict, NotFound, create_dataset, delete_dataset, ingest, put_annotations
 from service.db import make_engine, session_factory, transaction
-from service.models import Base, Job, Model, Schedule, ScheduleRun, aware
+from service.models import Base, Dataset, Job, Model, Schedule, ScheduleRun, aware
 from service.runtime import Runtime
 
 UTC = dt.UTC
@@ -246,6 +246,13 @@ def test_concurrent_ticks_start_one_job_per_slot_and_record_skips_once(
     assert schedules.run_slot(runtime, start.id, later) is None
     with transaction(sessions) as session:
         assert session.query(ScheduleRun).count() == 2 and session.query(Job).count() == 1
+        session.query(Job).one().state = "cancelled"  # no job holds the datasets now: the schedules do
+
+    # a dataset a schedule names is not deleted from under it
+    with pytest.raises(Conflict, match=r"is used by schedule\(s\) a, b: edit or delete them first"):
+        delete_dataset(sessions, storage, ids["eval"])
+    with transaction(sessions) as session:
+        assert session.get(Dataset, ids["eval"]) is not None
 
 
 def test_storage_options_come_from_json_and_an_empty_variable_is_unset(monkeypatch) -> None:
