@@ -132,13 +132,33 @@ def run_unit(self, job_id: int, stage: str, index: int) -> None:
         return
     except Exception as exc:  # recorded in the ledger; the job fails only when the attempts run out
         logger.exception("unit %s/%d of job %d failed", stage, index, job_id)
-        error = str(exc) if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}"
-        with transaction(sessions) as session:
-            outcome = ledger.fail_shard(session, lease=lease, error=error, max_attempts=settings.max_attempts)
-        if outcome == "requeued":
-            send_unit(job_id, stage, index, stages.QUEUES[stages.parse_stage(stage)[0]], countdown=2.0)
+        _fail(
+            sessions,
+            settings,
+            lease,
+            str(exc) if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}",
+        )
         return
-    _complete(sessions, settings, lease, outcome)
+    try:
+        _complete(sessions, settings, lease, outcome)
+    except Exception as exc:  # nothing of the outcome was kept (one transaction): an attempt that failed
+        logger.exception("recording unit %s/%d of job %d failed", stage, index, job_id)
+        _fail(sessions, settings, lease, f"recording its outcome failed: {_described(exc)}")
+
+
+def _described(exc: Exception) -> str:
+    """The exception's type and first line (a database error's SQL and parameters left out)."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def _fail(sessions, settings: Settings, lease: ledger.Lease, error: str) -> None:
+    """Record a failed attempt of the unit (its job fails when the attempts run out), or send it again."""
+    with transaction(sessions) as session:
+        result = ledger.fail_shard(session, lease=lease, error=error, max_attempts=settings.max_attempts)
+    if result == "requeued":
+        queue = stages.QUEUES[stages.parse_stage(lease.stage)[0]]
+        send_unit(lease.job_id, lease.stage, lease.index, queue, countdown=2.0)
 
 
 def _complete(sessions, settings: Settings, lease: ledger.Lease, outcome: stages.Outcome) -> None:

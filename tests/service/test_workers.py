@@ -312,3 +312,37 @@ def test_a_redelivered_done_unit_resends_the_next_stage_only_while_it_has_not_st
         assert len(sent) == 1
     finally:
         engine.dispose()
+
+
+def test_a_unit_whose_outcome_cannot_be_recorded_fails_with_that_reason(
+    tmp_path: Path, tiny_data: Path, trained_tiny_model: Path, redis_url: str, db_url: str
+) -> None:
+    """A train unit whose model row the database refuses (a name over PostgreSQL's VARCHAR(128)): its
+    attempts are recorded with the database's error, and the job fails saying so — not "its worker stopped
+    answering" after the leases ran out."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite does not enforce VARCHAR lengths")
+    from service.jobs import single_unit, submit
+
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=600, database=db_url)
+    try:
+
+        def spec(_session, job_id: int) -> dict:
+            train = {"out": f"jobs/{job_id}/model", "labeled": "data/labeled.json",
+                     "labeled_images": "data/images", "config": "tiny", "init": "scratch", "iterations": 2,
+                     "seed": 0}  # fmt: skip
+            return {"datasets": {}, "model_name": "m" * 200, "train": train}
+
+        job_id = submit(
+            stack.sessions, type="train", units=single_unit("train"), make_spec=spec,
+            enqueue=lambda job, stage, index, queue: stack.celery.send_task(
+                "distill.run_unit", args=[job, stage, index], queue=queue
+            ),
+        )  # fmt: skip
+        job = stack.wait(job_id, finished, timeout=300)
+        assert job.state == "failed" and "recording its outcome failed: DataError" in (job.error or ""), (
+            job.error
+        )
+        assert "train failed 3 times" in job.error and "INSERT" not in job.error  # no SQL in the message
+    finally:
+        stack.close()
