@@ -82,8 +82,11 @@ def due_slot(schedule: Schedule, now: dt.datetime) -> dt.datetime | None:
     skips or repeats slots around a daylight-saving change; a sparser cron (weekly, monthly) with no slot in
     that window falls back to ``get_prev``."""
     since = aware(schedule.updated_at)
-    tz = zone(schedule.timezone) if _known_zone(schedule.timezone) else None
-    if tz is None or now <= since:
+    try:
+        tz = zone(schedule.timezone)
+    except InputError:  # a zone this machine's tz database lacks: no slot is due
+        return None
+    if now <= since:
         return None
     try:
         it = croniter(schedule.cron, max(since, now - SCAN).astimezone(tz))
@@ -96,14 +99,6 @@ def due_slot(schedule: Schedule, now: dt.datetime) -> dt.datetime | None:
     except (CroniterBadCronError, CroniterBadDateError, ValueError):
         return None
     return slot if slot is not None and slot > since else None
-
-
-def _known_zone(timezone: str) -> bool:
-    try:
-        zone(timezone)
-    except InputError:
-        return False
-    return True
 
 
 def pipeline_request(schedule: Schedule, teacher: int | str) -> PipelineJobCreate:
