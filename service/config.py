@@ -16,6 +16,7 @@
     DISTILL_TASK_TIME_LIMIT=                    hard limit of one unit of work (s); default none
     DISTILL_INFERENCE_CACHE=true                keep fused predictions per (teacher, image, views, fusion)
     DISTILL_SCHEDULE_TICK_SECONDS=30            how often celery beat asks whether a schedule is due
+    DISTILL_UI_SESSION_HOURS=12                 how long a dashboard login lasts
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Settings(BaseSettings):
     task_time_limit: float | None = Field(None, gt=0)
     inference_cache: bool = True
     schedule_tick_seconds: float = Field(30.0, gt=0)
+    ui_session_hours: float = Field(12.0, gt=0, le=24 * 30)
 
     @property
     def cache_prefix(self) -> str | None:

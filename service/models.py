@@ -9,6 +9,8 @@
 - ``models``: registered models, uploaded or made by jobs, with their lineage;
 - ``promoted_models``: the promoted version of each model name (at most one), and ``promotions`` the
   history of every promotion and rollback, with who and why;
+- ``ui_sessions``: the dashboard's signed-in browsers, each tied to the API token it signed in with (a revoked
+  token ends its sessions);
 - ``schedules`` / ``schedule_runs``: scheduled retraining, one run row per (schedule, cron slot) — the
   unique pair is what makes a slot run once however many beat processes tick.
 """
@@ -95,6 +97,19 @@ class ApiToken(Base):
     scope: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class UiSession(Base):
+    """A dashboard login: the cookie holds ``secret``, the row only its SHA-256 and the form token (CSRF)."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Dataset(Base):

@@ -1,6 +1,7 @@
 """The FastAPI application: ``create_app(settings)``. On start it migrates the database and sweeps the
 ledger (expired leases back to the queue, their shards enqueued again), so no job stays "running" after a
-crash. Every route but ``/healthz`` needs a bearer token."""
+crash. Every route but ``/healthz`` needs a bearer token; the dashboard (``/ui``) a session cookie made
+from one."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from service.api.routes import router as jobs_router
 from service.api.schedules import router as schedules_router
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction, upgrade
+from service.ui.app import mount_dashboard
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(models_router)
     app.include_router(schedules_router)
+    mount_dashboard(app)
     return app
 
 

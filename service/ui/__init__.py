@@ -1,0 +1,1 @@
+"""The job dashboard: HTML pages served by the API app under /ui."""
