@@ -5,21 +5,27 @@ token ends its sessions; failed sign-ins are rate-limited; ``next`` cannot leave
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from service import auth
 from service.db import make_engine, session_factory, transaction, upgrade
 from service.models import Job, Shard
 from tests.service.conftest import free_port
+from tests.service.test_api import make_dataset
 from tests.service.test_workers import _stop
 
 PAGES = ["/ui/jobs", "/ui/jobs/rows", "/ui/jobs/new", "/ui/datasets", "/ui/models", "/ui/schedules"]
@@ -30,6 +36,7 @@ class Dashboard:
     base: str
     sessions: object
     tokens: dict[str, str]
+    storage: Path
     clients: list[httpx.Client] = field(default_factory=list)  # closed by the fixture
 
     def client(self) -> httpx.Client:
@@ -75,10 +82,10 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
                 pass
             assert proc.poll() is None, (root / "api.log").read_text()
             time.sleep(0.1)
-        dashboard = Dashboard(base, sessions, tokens)
+        dashboard = Dashboard(base, sessions, tokens, root / "storage")
         yield dashboard
     finally:
-        for client in locals().get("dashboard", Dashboard(base, sessions, tokens)).clients:
+        for client in locals().get("dashboard", Dashboard(base, sessions, tokens, root / "storage")).clients:
             client.close()
         _stop(proc)
         engine.dispose()
@@ -149,6 +156,53 @@ def test_a_failed_job_renders_with_its_error_and_a_retry_button(dashboard: Dashb
         assert session.get(Job, job_id).state == "failed"  # nothing changed
 
 
+def test_the_pseudo_label_browser_and_a_datasets_ground_truth(dashboard: Dashboard, tiny_data: Path) -> None:
+    """A round's pseudo-labels (the labeled split's boxes, with agreements) over stored images: lowest
+    agreement first, a class filter, thumbnails with labels drawn, an enlarged view listing the labels;
+    and the same grid over an uploaded dataset's ground truth."""
+    coco = json.loads((tiny_data / "labeled.json").read_text())
+    for number, annotation in enumerate(coco["annotations"]):
+        annotation["agreement"] = round(1.0 - (number % 7) / 10, 2)
+    with transaction(dashboard.sessions) as session:
+        job = Job(type="pipeline", state="succeeded", stage="decide", plan=["pseudo_label"],
+                  spec={"config": {"data": {"unlabeled_images": "browse/images"}}})  # fmt: skip
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    shutil.copytree(tiny_data / "images", dashboard.storage / "browse" / "images")
+    round_dir = dashboard.storage / "jobs" / str(job_id) / "round_1"
+    round_dir.mkdir(parents=True)
+    (round_dir / "pseudo.json").write_text(json.dumps(coco))
+    client = dashboard.signed_in("read")
+    page = client.get(f"/ui/jobs/{job_id}/pseudo", params={"round": 1, "sort": "agreement"})
+    assert page.status_code == 200, page.text
+    shown = [int(i) for i in re.findall(r'data-image="(\d+)"', page.text)]
+    lowest = {im["id"]: min((a["agreement"] for a in coco["annotations"] if a["image_id"] == im["id"]),
+                            default=None) for im in coco["images"]}  # fmt: skip
+    ranked = sorted(lowest, key=lambda i: (lowest[i] is None, lowest[i] or 0.0))
+    assert shown == ranked[: len(shown)] and len(shown) == min(24, len(ranked))
+    first = client.get(f"/ui/jobs/{job_id}/pseudo/1/{shown[0]}.png", params={"max": 128})
+    assert first.status_code == 200 and max(Image.open(io.BytesIO(first.content)).size) <= 128
+    one = client.get(f"/ui/jobs/{job_id}/pseudo/1/{shown[0]}")
+    count = sum(a["image_id"] == shown[0] for a in coco["annotations"])
+    assert one.status_code == 200 and one.text.count("<tr><td>") == max(count, 0) + (count == 0)
+    category = coco["categories"][-1]["id"]
+    only = client.get(f"/ui/jobs/{job_id}/pseudo", params={"round": 1, "category": category})
+    with_class = {a["image_id"] for a in coco["annotations"] if a["category_id"] == category}
+    assert {int(i) for i in re.findall(r'data-image="(\d+)"', only.text)} <= with_class
+
+    bearer = {"Authorization": f"Bearer {dashboard.tokens['write']}"}
+    writer = httpx.Client(base_url=dashboard.base, headers=bearer, timeout=60)
+    dashboard.clients.append(writer)
+    dataset_id = make_dataset(writer, tiny_data, "labeled", "labeled")
+    page = client.get(f"/ui/datasets/{dataset_id}")
+    assert page.status_code == 200 and 'id="per-class"' in page.text
+    image_id = int(re.search(r'data-image="(\d+)"', page.text).group(1))
+    drawn = client.get(f"/ui/datasets/{dataset_id}/images/{image_id}.png")
+    assert drawn.status_code == 200 and drawn.content.startswith(b"\x89PNG")
+
+
+# last: its rate-limit check locks 127.0.0.1 out of signing in for a while
 def test_sign_in_cookie_flags_sign_out_revocation_rate_limit_and_next(dashboard: Dashboard) -> None:
     client = dashboard.client()
     form = client.get("/ui/login", params={"next": "//evil.example/x"})
