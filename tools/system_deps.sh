@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # System packages the service tests start for real: PostgreSQL (Debian's postgresql) and OpenSSH's sshd
-# (openssh-server). Installed when missing and this runs as root with apt-get (CI); otherwise a note, and the
+# (openssh-server), and Debian's chromium + chromium-driver for the dashboard's browser tests. Installed when missing and this runs as root with apt-get (CI); otherwise a note, and the
 # tests that need them skip.
 set -euo pipefail
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need+=(postgresql)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)  # the SFTP server the non-local storage tests reach
+command -v chromium >/dev/null || need+=(chromium)  # the dashboard's browser tests (Selenium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${need[*]} (apt-get)"
