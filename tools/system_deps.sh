@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# System packages the service tests start for real: PostgreSQL (Debian's postgresql) and OpenSSH's sshd
-# (openssh-server), and Debian's chromium + chromium-driver for the dashboard's browser tests. Installed when missing and this runs as root with apt-get (CI); otherwise a note, and the
-# tests that need them skip.
+# System packages the tests start for real: PostgreSQL (Debian's postgresql), OpenSSH's sshd
+# (openssh-server), and chromium + chromium-driver (the dashboard's browser tests). Installed when missing
+# and this runs as root with apt-get (CI); otherwise a note, and the tests that need them skip.
 set -euo pipefail
 need=()
 compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need+=(postgresql)
