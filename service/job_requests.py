@@ -3,7 +3,7 @@ request up front, each problem a 422 naming its field."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,16 @@ ModelRef = Annotated[
     Field(description="a registered model: its id, or its name (that name's promoted version when the job "
           "starts, recorded on the job)"),
 ]  # fmt: skip
+
+
+def merge_patch(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``current`` with ``changes`` merged in, objects key by key (a JSON merge patch without deletes):
+    ``{"promotion": {"min_gain": 0.01}}`` keeps the metric."""
+    out = dict(current)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_patch(out[key], value) if both else value
+    return out
 
 
 class _Body(BaseModel):

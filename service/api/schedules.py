@@ -17,7 +17,7 @@ from distill.pipeline import EvaluationSpec
 from distill.specs import CalibrationSpec, InferenceSpec
 from service import schedules
 from service.api.deps import Read, SessionDep, WriteToken, get_or_404, http_errors, page
-from service.job_requests import NAME, StudentIn
+from service.job_requests import NAME, StudentIn, merge_patch
 from service.models import Job, Model, Schedule, ScheduleRun, aware
 from service.submit import ROLE_KINDS, check_dataset
 
@@ -227,19 +227,9 @@ def update_schedule(
     return _public(schedule)
 
 
-def _patched(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``current`` with ``changes`` merged in, objects key by key (a JSON merge patch without deletes):
-    ``{"promotion": {"min_gain": 0.01}}`` keeps the metric."""
-    out = dict(current)
-    for key, value in changes.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _patched(out[key], value) if both else value
-    return out
-
-
 def _merge(current: dict[str, Any], changes: dict[str, Any]) -> ScheduleFields:
     try:
-        return ScheduleFields.model_validate(_patched(current, changes))
+        return ScheduleFields.model_validate(merge_patch(current, changes))
     except ValidationError as exc:
         error = exc.errors()[0]
         raise InputError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from service.api import routes as jobs_api
 from service.api.deps import RuntimeDep
 from service.db import transaction
-from service.job_requests import JobCreate
+from service.job_requests import JobCreate, merge_patch
 from service.models import ApiToken, Dataset, Job, Model
 from service.ui import draw, plots
 from service.ui.deps import ViewerDep, check_form, render
@@ -127,14 +127,6 @@ def new_job_page(request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HT
     return render(request, "job_new.html", viewer, form={}, errors=[], **choices)
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _deep_merge(out[key], value) if both else value
-    return out
-
-
 def _pipeline_body(form: dict[str, str]) -> dict[str, Any]:
     """The ``POST /v1/jobs`` body a new-job form asks for (ValueError naming the field otherwise)."""
 
@@ -177,7 +169,7 @@ def _pipeline_body(form: dict[str, str]) -> dict[str, Any]:
             raise ValueError(
                 'more settings: a JSON object is expected, e.g. {"inference": {"batch_size": 4}}'
             )
-        body = _deep_merge(body, settings)
+        body = merge_patch(body, settings)
     for field in ("labeled", "unlabeled"):
         if body.get(field) is None:
             raise ValueError(f"{field}: choose a dataset")
