@@ -5,41 +5,10 @@ Screenshots of each page go to ``runs/screenshots/``."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from service.db import transaction
 from service.models import Job
+from tests.ui.conftest import shot
 from tests.ui.test_pages import Dashboard, dashboard  # noqa: F401 (a fixture)
-
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "runs" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
-        options.add_argument(argument)
-    chrome = webdriver.Chrome(service=Service(driver), options=options)
-    try:
-        yield chrome
-    finally:
-        chrome.quit()  # stops chromedriver and the browser it started
-
-
-def _shot(browser, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
 
 
 def test_sign_in_watch_progress_live_and_validate_a_cron(browser, dashboard: Dashboard) -> None:  # noqa: F811
@@ -49,12 +18,12 @@ def test_sign_in_watch_progress_live_and_validate_a_cron(browser, dashboard: Das
     wait = WebDriverWait(browser, 30)
     browser.get(f"{dashboard.base}/ui/jobs")
     assert "/ui/login" in browser.current_url
-    _shot(browser, "login")
+    shot(browser, "login")
     wait.until(lambda b: b.find_elements(By.ID, "token"))[0].send_keys(dashboard.tokens["write"])
     browser.find_element(By.ID, "sign-in").click()
     table = wait.until(lambda b: b.current_url.endswith("/ui/jobs") and b.find_elements(By.ID, "jobs"))
     assert "No jobs yet" in table[0].text
-    _shot(browser, "jobs-empty")
+    shot(browser, "jobs-empty")
 
     with transaction(dashboard.sessions) as session:
         job = Job(type="train", state="running", stage="train", plan=["train"], progress_total=10)
@@ -69,7 +38,7 @@ def test_sign_in_watch_progress_live_and_validate_a_cron(browser, dashboard: Das
     wait.until(lambda b: float(b.find_element(By.ID, "job-progress").get_attribute("value")) == 100)
     assert browser.find_element(By.ID, "job-state").text == "succeeded"
     assert browser.execute_script("return window.notReloaded === true")  # updated in place
-    _shot(browser, "job-detail")
+    shot(browser, "job-detail")
 
     browser.get(f"{dashboard.base}/ui/schedules")
     cron = browser.find_element(By.ID, "s-cron")
@@ -80,4 +49,4 @@ def test_sign_in_watch_progress_live_and_validate_a_cron(browser, dashboard: Das
     cron.send_keys("0 3 * * *")
     runs = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#next-runs li"))
     assert len(runs) == 5 and all("03:00:00" in r.text for r in runs)
-    _shot(browser, "schedules")
+    shot(browser, "schedules")

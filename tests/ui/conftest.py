@@ -1,0 +1,42 @@
+"""A real Chromium for the browser tests: Debian's ``chromium`` + ``chromium-driver`` driven by Selenium
+(skipped where they are not installed), and screenshots of each page written to ``runs/screenshots/``."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "runs" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(argument)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()  # stops chromedriver and the browser it started
+
+
+def shot(browser, name: str) -> Path:
+    """A screenshot of the whole page (not only the window) as a test artifact."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, max(1000, min(int(height), 6000)))
+    path = SCREENSHOTS / f"{name}.png"
+    browser.save_screenshot(str(path))
+    browser.set_window_size(1280, 1000)
+    return path
