@@ -204,7 +204,8 @@ async def job_events(job_id: int, runtime: RuntimeDep, request: Request) -> Even
 
 
 def _artifacts(runtime, job: Job) -> dict[str, str]:
-    """Artifact name (its path under the job's folder) -> storage key, for every file the job wrote."""
+    """Artifact name (its path under the job's folder) -> storage key, for every file the job wrote (not its
+    inputs, hidden files, or the ``.lock`` files that keep two writers off one predictions stream)."""
     root = f"jobs/{job.id}"
     storage = runtime.storage
     if not storage.exists(root):
@@ -213,7 +214,12 @@ def _artifacts(runtime, job: Job) -> dict[str, str]:
     names = {}
     for path in sorted(storage.fs.find(storage.path(root))):
         name = str(path)[len(base) :] if str(path).startswith(base) else posixpath.basename(str(path))
-        if not name.startswith("inputs/") and not posixpath.basename(name).startswith("."):
+        base_name = posixpath.basename(name)
+        if (
+            not name.startswith("inputs/")
+            and not base_name.startswith(".")
+            and not base_name.endswith(".lock")
+        ):
             names[name] = f"{root}/{name}"
     return names
 

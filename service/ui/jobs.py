@@ -271,12 +271,15 @@ def _verdict(decision: dict[str, Any] | None) -> dict[str, Any] | None:
     elif decision.get("primary"):
         p = decision["primary"]
         word = "beat" if decision.get("promoted") else "did not beat"
-        reason = (
-            f"the student {word} the teacher on {p.get('metric')}: {p.get('student')} vs {p.get('teacher')}"
-        )
+        scores = f"{_ap(p.get('student'))} vs {_ap(p.get('teacher'))}"
+        reason = f"the student {word} the teacher on {p.get('metric')}: {scores}"
     else:
         reason = "no eval dataset: the student is kept without a comparison"
     return {"promoted": promoted, "reason": reason}
+
+
+def _ap(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
 def _detail(runtime, job_id: int) -> dict[str, Any]:

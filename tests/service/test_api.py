@@ -212,6 +212,8 @@ def test_a_pipeline_job_from_uploads_to_artifacts_survives_an_api_restart(
             names
         )
         assert "round_1/teacher/weights.pt" in names and not names["summary.json"]["partial"]
+        assert any(n.startswith("round_1/predictions/shard-") for n in names)
+        assert not [n for n in names if n.endswith(".lock")]  # the streams' writer locks are not artifacts
         pseudo = as_reader.get(f"/v1/jobs/{job_id}/artifacts/round_1/pseudo.json")
         assert pseudo.status_code == 200
         mine = pseudo.json()
