@@ -1,7 +1,7 @@
 """The dashboard in a real Chromium (Debian's ``chromium`` + ``chromium-driver``, driven by Selenium; skipped
-where they are not installed): sign in through the form, watch a job's progress bar reach 100 % without the
-page reloading (the ledger advances underneath), and see the schedule form validate a cron as it is typed.
-Screenshots of each page go to ``runs/screenshots/``."""
+where they are not installed): sign in through the form with the keyboard only, watch a job's progress bar
+reach 100 % without the page reloading (the ledger advances underneath), and see the schedule form validate a
+cron as it is typed. Screenshots of each page go to ``runs/screenshots/``, each page's controls labelled."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from tests.ui.test_pages import Dashboard, dashboard  # noqa: F401 (a fixture)
 
 def test_sign_in_watch_progress_live_and_validate_a_cron(browser, dashboard: Dashboard) -> None:  # noqa: F811
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 30)
     browser.get(f"{dashboard.base}/ui/jobs")
     assert "/ui/login" in browser.current_url
     shot(browser, "login")
-    wait.until(lambda b: b.find_elements(By.ID, "token"))[0].send_keys(dashboard.tokens["write"])
-    browser.find_element(By.ID, "sign-in").click()
+    wait.until(lambda b: b.find_elements(By.ID, "token"))
+    focused = browser.switch_to.active_element  # signing in needs only the keyboard: type, then Enter
+    assert focused.get_attribute("id") == "token"
+    focused.send_keys(dashboard.tokens["write"], Keys.ENTER)
     table = wait.until(lambda b: b.current_url.endswith("/ui/jobs") and b.find_elements(By.ID, "jobs"))
     assert "No jobs yet" in table[0].text
     shot(browser, "jobs-empty")
