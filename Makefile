@@ -21,13 +21,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash tools/system_deps.sh
-	$(BIN)/ruff check distill workers service tests bench
-	$(BIN)/ruff format --check distill workers service tests bench
+	$(BIN)/ruff check distill workers service tests bench tools
+	$(BIN)/ruff format --check distill workers service tests bench tools
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check distill workers service tests bench
-	$(BIN)/ruff format --check distill workers service tests bench
+	$(BIN)/ruff check distill workers service tests bench tools
+	$(BIN)/ruff format --check distill workers service tests bench tools
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_infer_speed.py
