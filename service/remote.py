@@ -46,10 +46,11 @@ Progress = Callable[[int], None]
 class RemoteError(Exception):
     """A failed call: ``status`` is the HTTP status (``0``: no answer), ``detail`` the server's reason."""
 
-    def __init__(self, status: int, detail: str, *, call: str = "") -> None:
+    def __init__(self, status: int, detail: str, *, call: str = "", body: Any = None) -> None:
         self.status = status
         self.detail = detail
         self.call = call
+        self.body = body  # the answer's JSON, when it had one
         where = f"{call}: " if call else ""
         super().__init__(f"{where}{detail}" if status == 0 else f"{where}HTTP {status}: {detail}")
 
@@ -155,6 +156,13 @@ class ServerEvent:
     event: str
     data: str
     id: str | None = None
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _detail(response: httpx.Response) -> str:
@@ -271,7 +279,7 @@ class Client:
         except httpx.HTTPError as exc:
             raise self._unreachable(call, exc) from None
         if response.is_error:
-            raise RemoteError(response.status_code, _detail(response), call=call)
+            raise RemoteError(response.status_code, _detail(response), call=call, body=_body(response))
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -361,10 +369,15 @@ class Client:
             for name, path in files:
                 handle = stack.enter_context(Path(path).open("rb"))
                 parts.append(("files", (name, _CountingReader(handle, on_bytes), "application/octet-stream")))
-            return self._json(
-                "POST", f"/v1/datasets/{dataset_id}/images", files=parts,
-                timeout=httpx.Timeout(timeout, connect=10.0),
-            )  # fmt: skip
+            try:
+                return self._json(
+                    "POST", f"/v1/datasets/{dataset_id}/images", files=parts,
+                    timeout=httpx.Timeout(timeout, connect=10.0),
+                )  # fmt: skip
+            except RemoteError as error:  # every file rejected: a 422 that still carries the report
+                if error.status == 422 and isinstance(error.body, dict) and "rejected" in error.body:
+                    return {"accepted": error.body["accepted"], "rejected": error.body["rejected"]}
+                raise
 
     def put_annotations(
         self, dataset_id: int, path: Path, *, name: str | None = None, on_bytes: Progress | None = None

@@ -12,7 +12,7 @@ import mimetypes
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, HTTPException, Query, Response, UploadFile, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
@@ -133,7 +133,13 @@ def delete_dataset(dataset_id: int, runtime: RuntimeDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{dataset_id}/images", operation_id="upload_images", dependencies=[Write])
+@router.post(
+    "/{dataset_id}/images",
+    operation_id="upload_images",
+    dependencies=[Write],
+    response_model=UploadPublic,
+    responses={422: {"description": "every file was rejected: the report, and `detail` naming why"}},
+)
 def upload_images(
     dataset_id: int,
     files: Annotated[
@@ -141,11 +147,22 @@ def upload_images(
         File(description="images (.jpg .jpeg .png .bmp .webp .tif .tiff), or .zip .tar .tar.gz .tgz of them"),
     ],
     runtime: RuntimeDep,
-) -> UploadPublic:
-    """200 with what was accepted and rejected (one bad file or member rejects only itself)."""
+) -> UploadPublic | JSONResponse:
+    """200 with what was accepted and rejected (one bad file or member rejects only itself); 422 when every
+    file was rejected — the same report, with ``detail`` naming each file and why."""
     parts = [(upload.filename, upload.file) for upload in files]
     report = http_errors(lambda: datasets.ingest(runtime.sessions, runtime.storage, dataset_id, parts))
-    return UploadPublic.model_validate({"accepted": report.accepted, "rejected": report.rejected})
+    public = UploadPublic.model_validate({"accepted": report.accepted, "rejected": report.rejected})
+    if report.rejected and not report.accepted:
+        content = {"detail": _nothing_accepted(report.rejected), **public.model_dump(mode="json")}
+        return JSONResponse(content, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return public
+
+
+def _nothing_accepted(rejected: list[dict[str, Any]], shown: int = 10) -> str:
+    reasons = "; ".join(f"{r['name']}: {r['reason']}" for r in rejected[:shown])
+    more = f"; and {len(rejected) - shown} more" if len(rejected) > shown else ""
+    return f"no file of this upload was accepted — {reasons}{more}"
 
 
 @router.put("/{dataset_id}/annotations", operation_id="put_annotations", dependencies=[Write])

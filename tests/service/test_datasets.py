@@ -285,8 +285,10 @@ def test_archive_limits_zip_bombs_and_unsafe_members_are_refused(api: Api) -> No
 
     # a compressed tar that expands more than 100:1 is refused whole: nothing of it stored
     gz_bomb = tar_of([("t/ok.png", png(9, 9, (5, 6, 7))), ("t/zeros.png", bytes(8 * 2**20))])
-    report = api.upload(dataset, ("bomb.tar.gz", gz_bomb), ("junk.tgz", b"not a tar at all"))
-    assert report["accepted"] == []
+    report = api.upload(dataset, ("bomb.tar.gz", gz_bomb), ("junk.tgz", b"not a tar at all"), status=422)
+    assert report["accepted"] == []  # nothing accepted: a 422 naming each file, with the same report
+    assert report["detail"].startswith("no file of this upload was accepted — bomb.tar.gz: compression")
+    assert "junk.tgz: not a readable tar archive" in report["detail"]
     bad = reasons(report)
     assert "compression ratio above the limit of 100:1" in bad["bomb.tar.gz"]
     assert "nothing of this archive was stored" in bad["bomb.tar.gz"]

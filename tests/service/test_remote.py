@@ -156,6 +156,10 @@ def test_upload_a_folder_then_a_bad_file(cli, service: Service, tiny_data: Path,
     assert "1 accepted, 0 duplicate, 1 rejected" in mixed.output
     line = next(line for line in mixed.output.splitlines() if "rejected broken.png:" in line)
     assert len(line.split("rejected broken.png:", 1)[1].strip()) > 5  # the server's reason
+    only_bad = cli("upload", str(bad), "--dataset", "lab")  # the server's 422 still carries the report
+    assert only_bad.exit_code == 1 and "0 accepted, 0 duplicate, 1 rejected" in only_bad.output, (
+        only_bad.output
+    )
     missing = cli("upload", str(tmp_path / "nope"), "--dataset", "lab")
     assert missing.exit_code == 2 and "nope: no such file or directory" in missing.output
 
