@@ -15,6 +15,7 @@ retry overwrites it).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -338,6 +339,8 @@ def _image_name(raw: str) -> tuple[str, str | None]:
         return raw, "path with '..': names may not leave the dataset's folder"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return raw, "control characters in the name"
+    if any("\ud800" <= c <= "\udfff" for c in name):  # undecodable bytes (a tar's surrogateescape)
+        return raw, "the name is not valid UTF-8"
     name = "/".join(parts)
     if not name:
         return raw, "no file name"
@@ -441,6 +444,7 @@ class _Ingest:
 
     # ---- outcome ----
     def reject(self, name: str, reason: str, part: str) -> None:
+        name = name.encode("utf-8", "replace").decode()  # undecodable bytes of a tar name: "?" in the report
         self.report.rejected.append({"name": name, "reason": reason, "part": part})
 
     def accept(self, item: _Staged, name: str, duplicate: bool) -> dict[str, Any]:
@@ -475,12 +479,14 @@ class _Ingest:
             self.reject(raw, problem, raw)
             return
         staged: list[_Staged] = []
+        rejected_before = len(self.report.rejected)
         try:
             source.seek(0)
-            if name.lower().endswith(".zip"):
-                self.zip(name, source, staged)
-            elif _suffix_in(name, (".tar", ".tar.gz", ".tgz")):
-                self.tar(name, source, staged)
+            if name.lower().endswith(".zip") or _suffix_in(name, (".tar", ".tar.gz", ".tgz")):
+                (self.zip if name.lower().endswith(".zip") else self.tar)(name, source, staged)
+                if not staged and len(self.report.rejected) == rejected_before:
+                    self.reject(name, "the archive holds no files", name)
+                staged = self.without_repeated_names(staged)
             else:
                 problem = _extension_problem(name, nested=False)
                 if problem is not None:
@@ -498,6 +504,16 @@ class _Ingest:
             _discard(staged)
             raise
         self.settle(staged)
+
+    def without_repeated_names(self, staged: list[_Staged]) -> list[_Staged]:
+        """An archive naming two members alike is ambiguous (which one is meant?): none of them is kept."""
+        counts = collections.Counter(item.name for item in staged)
+        for item in staged:
+            if counts[item.name] > 1:
+                reason = f"{counts[item.name]} members of the archive have this name: none stored"
+                self.reject(item.name, reason, item.part)
+                item.temp.unlink(missing_ok=True)
+        return [item for item in staged if counts[item.name] == 1]
 
     def member(self, raw: str, part: str) -> str | None:
         """The image name of an archive member, or ``None`` after rejecting it (path, extension)."""
