@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     inference_cache: bool = True
     schedule_tick_seconds: float = Field(30.0, gt=0)
     ui_session_hours: float = Field(12.0, gt=0, le=24 * 30)
+    max_body_bytes: int = Field(2**20, ge=1024)  # JSON and form bodies; uploads are limited per file
 
     @property
     def cache_prefix(self) -> str | None:

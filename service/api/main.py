@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from service import ledger
 from service.api.datasets import router as datasets_router
 from service.api.deps import Read, Runtime, RuntimeDep
+from service.api.limits import BodyLimit
 from service.api.metrics import queue_depths
 from service.api.metrics import router as metrics_router
 from service.api.models import router as models_router
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="distill", lifespan=lifespan, generate_unique_id_function=_operation_id)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(OverflowError)
     @app.exception_handler(DataError)
