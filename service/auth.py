@@ -6,6 +6,7 @@ below it allow. The plaintext is shown once, when the token is created.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import re
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.models import ApiToken
+from service.models import ApiToken, utcnow
 
 SCOPES = ("read", "write", "admin")
 PREFIX = "dst_"
@@ -34,23 +35,28 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, *, scope: str, name: str = "") -> str:
-    """A new token of ``scope``; returns its plaintext (the database keeps only the hash)."""
+def create_token(
+    session: Session, *, scope: str, name: str = "", expires_at: dt.datetime | None = None
+) -> str:
+    """A new token of ``scope`` (valid until ``expires_at``, an aware time; None: until revoked); returns its
+    plaintext (the database keeps only the hash)."""
     if scope not in SCOPES:
         raise ValueError(f"scope {scope!r}: expected one of {', '.join(SCOPES)}")
+    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= utcnow()):
+        raise ValueError(f"expires_at {expires_at.isoformat()}: expected an aware time in the future")
     token = PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(name=name, token_sha256=_digest(token), scope=scope))
+    session.add(ApiToken(name=name, token_sha256=_digest(token), scope=scope, expires_at=expires_at))
     session.flush()
     return token
 
 
 def authenticate(session: Session, token: str) -> ApiToken | None:
-    """The live token row of a presented bearer token, or None (unknown, malformed or revoked)."""
+    """The live token row of a presented bearer token, or None (unknown, malformed, revoked or expired)."""
     if not token.startswith(PREFIX) or len(token) > 256:
         return None
     digest = _digest(token)
     row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == digest))
-    if row is None or row.revoked or not hmac.compare_digest(row.token_sha256, digest):
+    if row is None or not hmac.compare_digest(row.token_sha256, digest) or not row.live(utcnow()):
         return None
     return row
 

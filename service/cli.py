@@ -4,6 +4,7 @@ service. Imports beyond typer happen inside the commands: every ``distill`` invo
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Annotated
 
@@ -77,42 +78,63 @@ def _sessions(data_dir: Path):
 def token_create(
     scope: Annotated[str, typer.Option(help="read | write | admin")],
     name: Annotated[str, typer.Option(help="a note saying what the token is for")] = "",
+    expires_in: Annotated[
+        str | None, typer.Option(help="valid for this long: 90m, 12h, 30d (default: until revoked)")
+    ] = None,
     data_dir: DataDir = Path("var"),
 ) -> None:
     """Print a new token (only the token on stdout, for scripts: TOKEN=$(distill token create ...))."""
     from service import auth
     from service.db import transaction
+    from service.models import utcnow
 
     if scope not in auth.SCOPES:
         raise InputError(f"--scope {scope!r}: expected one of {', '.join(auth.SCOPES)}")
+    expires_at = None if expires_in is None else utcnow() + _duration(expires_in)
     sessions, engine = _sessions(data_dir)
     try:
         with transaction(sessions) as session:
-            token = auth.create_token(session, scope=scope, name=name)
+            token = auth.create_token(session, scope=scope, name=name, expires_at=expires_at)
     finally:
         engine.dispose()
     typer.echo(token)
-    typer.echo(f"distill: a {scope} token; it is shown only now", err=True)
+    until = "" if expires_at is None else f", valid until {expires_at:%Y-%m-%d %H:%M} UTC"
+    typer.echo(f"distill: a {scope} token{until}; it is shown only now", err=True)
+
+
+_UNITS = {"m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> dt.timedelta:
+    """``90m`` / ``12h`` / ``30d`` as a timedelta (a positive whole number and a unit)."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS or not number.isdigit() or int(number) <= 0 or int(number) > 10**6:
+        raise InputError(f"--expires-in {text!r}: expected a positive number with m, h or d (90m, 12h, 30d)")
+    return dt.timedelta(seconds=int(number) * _UNITS[unit])
 
 
 @token_app.command("list")
 def token_list(data_dir: DataDir = Path("var")) -> None:
-    """The stored tokens: id, scope, created, state, name (no secrets: only their hashes are kept)."""
+    """The stored tokens: id, scope, created, expiry, state, name (no secrets: only their hashes are kept)."""
     from service import auth
     from service.db import transaction
+    from service.models import utcnow
 
     sessions, engine = _sessions(data_dir)
+    now = utcnow()
     try:
         with transaction(sessions) as session:
             rows = [
-                (t.id, t.scope, f"{t.created_at:%Y-%m-%d %H:%M}", "revoked" if t.revoked else "live", t.name)
+                (t.id, t.scope, f"{t.created_at:%Y-%m-%d %H:%M}",
+                 "never" if t.expires_at is None else f"{t.expires_at:%Y-%m-%d %H:%M}",
+                 "revoked" if t.revoked else "live" if t.live(now) else "expired", t.name)
                 for t in auth.list_tokens(session)
-            ]
+            ]  # fmt: skip
     finally:
         engine.dispose()
-    typer.echo(f"{'id':>5}  {'scope':<6} {'created':<16}  {'state':<8} name")
+    typer.echo(f"{'id':>5}  {'scope':<6} {'created':<16}  {'expires':<16}  {'state':<8} name")
     for row in rows:
-        typer.echo(f"{row[0]:>5}  {row[1]:<6} {row[2]:<16}  {row[3]:<8} {row[4]}")
+        typer.echo(f"{row[0]:>5}  {row[1]:<6} {row[2]:<16}  {row[3]:<16}  {row[4]:<8} {row[5]}")
 
 
 @token_app.command("revoke")

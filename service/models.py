@@ -97,6 +97,11 @@ class ApiToken(Base):
     scope: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    def live(self, now: dt.datetime) -> bool:
+        """Not revoked and not expired at ``now``."""
+        return not self.revoked and (self.expires_at is None or aware(self.expires_at) > now)
 
 
 class UiSession(Base):

@@ -64,7 +64,8 @@ def sign_in(session: Session, token: str, *, hours: float) -> tuple[str, Viewer]
 
 
 def viewer(session: Session, secret: str | None) -> Viewer | None:
-    """The signed-in viewer of a cookie secret, or None (no cookie, unknown, expired, token revoked)."""
+    """The signed-in viewer of a cookie secret, or None (no cookie, unknown, expired, token revoked or
+    expired)."""
     if not secret or len(secret) > 256:
         return None
     found = session.execute(
@@ -75,7 +76,8 @@ def viewer(session: Session, secret: str | None) -> Viewer | None:
     if found is None:
         return None
     ui, token = found
-    if token.revoked or aware(ui.expires_at) <= utcnow():
+    now = utcnow()
+    if not token.live(now) or aware(ui.expires_at) <= now:
         return None
     return Viewer(ui.id, token.id, token.scope, ui.csrf)
 

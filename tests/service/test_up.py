@@ -19,6 +19,7 @@ import pytest
 from distill.errors import InputError
 from service import auth
 from service.db import make_engine, session_factory, transaction, upgrade
+from service.models import aware, utcnow
 from service.up import ensure_admin_token, gpu_devices
 from tests.service.conftest import free_port
 
@@ -200,6 +201,19 @@ def test_token_commands_create_list_and_revoke_through_the_plugin_entry_point(tm
             assert auth.authenticate(session, token) is None
         refused = _distill("token", "create", "--scope", "root", env=env)
         assert refused.returncode == 2 and "--scope 'root'" in refused.stderr
+        brief = _distill("token", "create", "--scope", "write", "--expires-in", "12h", env=env)
+        assert brief.returncode == 0 and "valid until" in brief.stderr, brief.stderr
+        with transaction(sessions) as session:
+            row = auth.authenticate(session, brief.stdout.strip())
+            assert (
+                row is not None
+                and 11.9 * 3600 < (aware(row.expires_at) - utcnow()).total_seconds() <= 12 * 3600
+            )
+        listed = _distill("token", "list", env=env).stdout.splitlines()
+        assert " revoked " in listed[1] and " never " in listed[1]
+        assert " live " in listed[2] and " never " not in listed[2]  # it expires
+        bad = _distill("token", "create", "--scope", "read", "--expires-in", "soon", env=env)
+        assert bad.returncode == 2 and "--expires-in 'soon'" in bad.stderr
     finally:
         engine.dispose()
 
