@@ -259,6 +259,11 @@ def test_a_pipeline_job_from_uploads_to_artifacts_survives_an_api_restart(
             client.close()
         api.close()
         stack.close()
+    # the logs of the whole run (API access log, worker), flushed now, hold no token nor its secret part
+    logs = (tmp_path / "api.log").read_text() + stack.log_path.read_text()
+    assert '"POST /v1/jobs HTTP/1.1" 202' in logs and "distill.run_unit" in logs  # they are the logs
+    for token in (writer, reader):
+        assert token.removeprefix(auth.PREFIX)[:20] not in logs
 
 
 def test_a_job_whose_first_tasks_were_lost_is_sent_again_by_the_periodic_sweep(
