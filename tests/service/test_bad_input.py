@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 
 from service.db import transaction, upgrade
 from service.models import ApiToken, Dataset, Image, Job, Model, Schedule
+from tests.service.test_api import check_routes_need_a_token
 from tests.service.test_datasets import Api, jpeg, mark_encrypted, png, symlink, tar_of, zip_of
 
 # ---- files --------------------------------------------------------------------------------------------
@@ -397,3 +398,29 @@ def test_formats_distill_accepts_are_stored_with_their_training_size(corpus: Cor
     }
     stored = Path(corpus.api.storage_root) / f"datasets/{corpus.unlabeled}/images"
     assert all((stored / name).read_bytes() == data for name, data in files)  # the bytes as sent
+
+
+def test_every_route_needs_a_token_and_a_read_token_changes_nothing(corpus: Corpus) -> None:
+    """Generated from the OpenAPI document, so a new route cannot slip by: no token → 401; a read token → 403
+    on every route that changes state, never 401/403 on one that reads; the dashboard's forms need a write
+    session (tests/ui)."""
+    operations = check_routes_need_a_token(corpus.api.anonymous)
+    paths = corpus.api.anonymous.get("/openapi.json").json()["paths"]
+    before = corpus.snapshot()
+    writes = reads = 0
+    for path, methods in paths.items():
+        url = path.replace("{name}", "x.json")
+        for key in ("job_id", "dataset_id", "image_id", "model_id", "schedule_id"):
+            url = url.replace(f"{{{key}}}", "1")
+        for method in methods:
+            if path == "/healthz":
+                continue
+            answer = corpus.api.reader.request(method, url)
+            if method == "get":
+                reads += 1
+                assert answer.status_code not in (401, 403), (method, path, answer.text)
+            else:
+                writes += 1
+                assert answer.status_code == 403 and "needs a write token" in answer.text, (method, path)
+    assert writes >= 10 and reads >= 10 and {"create_job", "upload_images", "promote_model"} <= operations
+    assert corpus.snapshot() == before
