@@ -363,7 +363,8 @@ class Client:
         timeout: float | None = 600.0,
     ) -> UploadReport:
         """One request with a ``files`` part per ``(name, path)`` — an image or an archive of images, read
-        from disk as it is sent. ``name`` is the name the image gets (the COCO ``file_name``)."""
+        from disk as it is sent. ``name`` is the name the image gets (the COCO ``file_name``). The report
+        also when every file was rejected (the server's 422 carries it)."""
         with contextlib.ExitStack() as stack:
             parts = []
             for name, path in files:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import tarfile
 import zipfile
@@ -375,7 +376,10 @@ def test_bad_input_is_refused_naming_the_problem_and_leaves_nothing(
 
 
 def test_the_corpus_is_the_size_the_readme_claims() -> None:
-    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    claimed = re.search(r"`tests/service/test_bad_input.py`: \*\*(\d+) requests\*\*", readme)
+    assert claimed is not None and int(claimed.group(1)) == len(CASES) >= 40
+    assert len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_formats_distill_accepts_are_stored_with_their_training_size(corpus: Corpus) -> None:
