@@ -30,9 +30,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_bench import Stack, _archive, _distill_job, _prepared, _subset, _teacher
+from service_bench import Stack, _distill_job, _prepared, inputs
 
-from distill.demo import ensure_benchmark
 from distill.io import write_json_atomic
 from service.remote import RemoteError
 
@@ -118,13 +117,7 @@ def main() -> None:
     args = get_args_parser().parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = ensure_benchmark(args.out / "data", preset="demo", seed=0)
-    labeled = _subset(data, "labeled", 10**9, args.out / "labeled.json")
-    unlabeled = _subset(data, "unlabeled", args.images, args.out / "unlabeled.json")
-    teacher = args.out / "teacher"
-    if not (teacher / "weights.pt").exists():
-        _teacher(args.out, data, args.teacher_iterations)
-    archive = _archive(teacher, args.out / "teacher.tar.gz")
+    data, labeled, unlabeled, _, archive = inputs(args.out, args.images, args.teacher_iterations)
     uploads = [_upload_archive(args.out / f"upload-{k}.tar", args.upload_images, k) for k in range(2)]
     stack = Stack(args.out / "var", env={"DISTILL_INFERENCE_CACHE": "false"})
     try:

@@ -85,6 +85,19 @@ def _teacher(out: Path, data: Path, iterations: int) -> Path:
     return model
 
 
+def inputs(out: Path, images: int, teacher_iterations: int) -> tuple[Path, Path, Path, Path, Path]:
+    """The demo benchmark under ``out``, its labeled split and ``images`` unlabeled ones as COCO files, and
+    a teacher trained once (reused) with its upload archive: ``(data, labeled, unlabeled, teacher,
+    archive)``."""
+    data = ensure_benchmark(out / "data", preset="demo", seed=0)
+    labeled = _subset(data, "labeled", 10**9, out / "labeled.json")
+    unlabeled = _subset(data, "unlabeled", images, out / "unlabeled.json")
+    teacher = out / "teacher"
+    if not (teacher / "weights.pt").exists():
+        _teacher(out, data, teacher_iterations)
+    return data, labeled, unlabeled, teacher, _archive(teacher, out / "teacher.tar.gz")
+
+
 def _archive(model: Path, dest: Path) -> Path:
     if not dest.exists():
         with tarfile.open(dest, "w:gz") as tar:
@@ -294,13 +307,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     if {"overhead", "scaling"} & set(args.only):
-        data = ensure_benchmark(args.out / "data", preset="demo", seed=0)
-        labeled = _subset(data, "labeled", 10**9, args.out / "labeled.json")
-        unlabeled = _subset(data, "unlabeled", args.images, args.out / "unlabeled.json")
-        teacher = args.out / "teacher"
-        if not (teacher / "weights.pt").exists():
-            _teacher(args.out, data, args.teacher_iterations)
-        archive = _archive(teacher, args.out / "teacher.tar.gz")
+        data, labeled, unlabeled, teacher, archive = inputs(args.out, args.images, args.teacher_iterations)
         if "overhead" in args.only:
             print("overhead: distill job through the service vs in-process", flush=True)
             out["overhead"] = overhead(args, data, labeled, unlabeled, teacher, archive)
