@@ -1,7 +1,9 @@
 """The database: engine, sessions, and the schema brought to the newest Alembic revision.
 
 SQLite (the one-machine default) runs in WAL mode with a busy timeout, so API and workers read while one
-writes; PostgreSQL (several machines) needs nothing special. The schema lives in :mod:`service.models` and
+writes: a :func:`transaction` (the only way to write) takes the write lock at its start, any other session
+begins deferred and reads a snapshot without queueing behind writers. PostgreSQL (several machines) needs
+nothing special. The schema lives in :mod:`service.models` and
 reaches a database only through the migrations in ``service/migrations`` (``upgrade``).
 """
 
@@ -37,9 +39,15 @@ def _sqlite_connect(connection, _record) -> None:
     cursor.close()
 
 
+_WRITES = "distill_writes"  # execution option of a transaction()'s connection
+
+
 def _sqlite_begin(connection) -> None:
-    # take the write lock at BEGIN: a transaction that reads and then writes cannot fail on the upgrade
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A writer takes the write lock at BEGIN, so a transaction that reads and then writes cannot fail on the
+    # lock upgrade (a deferred one would get SQLITE_BUSY at once, not after the busy timeout). Readers begin
+    # deferred: in WAL mode they never wait for the lock, so polling clients do not queue behind uploads.
+    immediate = connection.get_execution_options().get(_WRITES, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def upgrade(url: str) -> None:
@@ -58,6 +66,27 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
-    """A session whose work commits at the end of the block, or rolls back on an exception."""
+    """A session whose work commits at the end of the block, or rolls back on an exception; the only kind
+    of session that may write (on SQLite it holds the write lock from its start: keep it short)."""
     with sessions() as session, session.begin():
+        session.connection(execution_options={_WRITES: True})
+        session.info[_WRITES] = True
         yield session
+
+
+@contextmanager
+def reading(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for reads only (a snapshot; never waits for SQLite's write lock); flushing a change in it
+    raises :class:`ReadOnlySession`."""
+    with sessions() as session:
+        yield session
+
+
+class ReadOnlySession(RuntimeError):
+    """A change was flushed in a session that is not a :func:`transaction`."""
+
+
+@event.listens_for(Session, "before_flush")
+def _writes_need_a_transaction(session: Session, _context, _instances) -> None:
+    if not session.info.get(_WRITES) and (session.new or session.dirty or session.deleted):
+        raise ReadOnlySession("a change in a read-only session: write inside service.db.transaction()")

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from distill.errors import InputError
 from service import auth
 from service.datasets import Conflict, NotFound, TooLarge
-from service.db import transaction
+from service.db import reading, transaction
 from service.runtime import Runtime
 
 T = TypeVar("T")
@@ -61,8 +61,11 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_session(runtime: RuntimeDep) -> Iterator[Session]:
-    with transaction(runtime.sessions) as session:
+def get_session(request: Request, runtime: RuntimeDep) -> Iterator[Session]:
+    """The route's session: a read-only snapshot for GET/HEAD (never queued behind SQLite's writer), a
+    transaction that commits when the route returns for every other method."""
+    scope = reading if request.method in ("GET", "HEAD") else transaction
+    with scope(runtime.sessions) as session:
         yield session
 
 
@@ -79,8 +82,8 @@ def require(scope: str) -> Callable[..., str]:
     ) -> auth.TokenInfo:
         token = None
         if credentials is not None:
-            # its own short transaction: the route's session (if any) must not wait on this one's lock
-            with transaction(runtime.sessions) as session:
+            # its own read-only session: a lookup must not take (or wait for) SQLite's write lock
+            with reading(runtime.sessions) as session:
                 token = auth.authenticate(session, credentials.credentials)
                 token = None if token is None else auth.TokenInfo(token.id, token.scope)
         if token is None:

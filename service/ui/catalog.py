@@ -20,7 +20,7 @@ from service.api import datasets as datasets_api
 from service.api import models as models_api
 from service.api import schedules as schedules_api
 from service.api.deps import RuntimeDep
-from service.db import transaction
+from service.db import reading, transaction
 from service.models import Dataset, Model
 from service.ui import plots
 from service.ui.deps import ViewerDep, check_form, render
@@ -36,14 +36,14 @@ SAMPLES = 8  # images on a dataset's page
 
 @router.get("/datasets", response_class=HTMLResponse)
 def datasets_page(request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HTMLResponse:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         found = datasets_api.list_datasets(session, name=None, kind=None, offset=0, limit=500)
     return render(request, "datasets.html", viewer, datasets=found.data, count=found.count)
 
 
 def _dataset_labels(runtime, dataset_id: int) -> tuple[Any, LabelSet]:
     """A dataset and its images with their ground truth (none for an unlabeled dataset)."""
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         public = datasets_api.get_dataset(dataset_id, session)
         row = session.get(Dataset, dataset_id)
         annotations_key = row.annotations_key
@@ -118,7 +118,7 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
 
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HTMLResponse:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         rows = session.scalars(select(Model).order_by(Model.name, Model.version.desc())).all()
         groups: dict[str, dict[str, Any]] = {}
         for row in rows:
@@ -137,7 +137,7 @@ def models_page(request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HTM
 @router.get("/models/{name}/history.png")
 def model_history(name: str, viewer: ViewerDep, runtime: RuntimeDep) -> Response:
     """AP of each version of ``name`` (its latest eval), oldest first."""
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         rows = session.scalars(select(Model).where(Model.name == name).order_by(Model.version)).all()
         points = [(f"v{m.version}", _headline(m.metrics or {})) for m in rows]
     names = sorted({metric for _, values in points for metric in values})
@@ -152,7 +152,7 @@ def _confirm(request, viewer, *, title: str, message: str, action: str, fields: 
 @router.get("/models/{name}/promote", response_class=HTMLResponse)
 def promote_page(name: str, request: Request, viewer: ViewerDep, runtime: RuntimeDep,
                  version: int = Query(ge=1, le=2**31 - 1)) -> HTMLResponse:  # fmt: skip
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         current = models_api.list_promotions(name, session).promoted
     now = f"v{current.version}" if current else "none"
     return _confirm(
@@ -164,7 +164,7 @@ def promote_page(name: str, request: Request, viewer: ViewerDep, runtime: Runtim
 
 @router.get("/models/{name}/rollback", response_class=HTMLResponse)
 def rollback_page(name: str, request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HTMLResponse:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         current = models_api.list_promotions(name, session).promoted
     now = f"v{current.version}" if current else "none"
     return _confirm(
@@ -207,7 +207,7 @@ def _schedule_form(session, viewer, form: dict[str, str], errors: list[str]) -> 
 
 @router.get("/schedules", response_class=HTMLResponse)
 def schedules_page(request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HTMLResponse:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         found = schedules_api.list_schedules(session, offset=0, limit=500)
         form = _schedule_form(session, viewer, {"timezone": "UTC", "min_gain": "0"}, [])
     return render(request, "schedules.html", viewer, schedules=found.data, **form)
@@ -272,7 +272,7 @@ def schedule_preview(
 
 @router.get("/schedules/{schedule_id}", response_class=HTMLResponse)
 def schedule_page(schedule_id: int, request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HTMLResponse:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         schedule = schedules_api.get_schedule(schedule_id, session)
         runs = schedules_api.list_schedule_runs(schedule_id, session, offset=0, limit=100)
     return render(request, "schedule.html", viewer, schedule=schedule, runs=runs.data, count=runs.count)

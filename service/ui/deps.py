@@ -14,7 +14,7 @@ from fastapi.templating import Jinja2Templates
 
 from service import auth
 from service.api.deps import RuntimeDep
-from service.db import transaction
+from service.db import reading
 from service.ui import sessions
 from service.ui.sessions import Viewer
 
@@ -29,7 +29,7 @@ class SignInFirst(Exception):
 
 
 def get_viewer(request: Request, runtime: RuntimeDep) -> Viewer:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         found = sessions.viewer(session, request.cookies.get(sessions.COOKIE))
     if found is None:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")

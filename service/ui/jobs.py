@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from service.api import routes as jobs_api
 from service.api.deps import RuntimeDep
-from service.db import transaction
+from service.db import reading, transaction
 from service.job_requests import JobCreate, merge_patch
 from service.models import ApiToken, Dataset, Job, Model
 from service.ui import draw, plots
@@ -86,7 +86,7 @@ def _rows(session, state: str | None, type_: str | None, limit: int = 100) -> di
 def jobs_page(
     request: Request, viewer: ViewerDep, runtime: RuntimeDep, state: str = "", type: str = ""
 ) -> HTMLResponse:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         table = _rows(session, _known(state, STATES, "state"), _known(type, TYPES, "type"))
     return render(request, "jobs.html", viewer, state=state, type=type, states=STATES, types=TYPES, **table)
 
@@ -96,7 +96,7 @@ def jobs_rows(
     request: Request, viewer: ViewerDep, runtime: RuntimeDep, state: str = "", type: str = ""
 ) -> HTMLResponse:
     """The table's body alone: what the jobs page polls."""
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         table = _rows(session, _known(state, STATES, "state"), _known(type, TYPES, "type"))
     return render(request, "_job_rows.html", viewer, **table)
 
@@ -122,7 +122,7 @@ def _choices(session) -> dict[str, Any]:
 
 @router.get("/new", response_class=HTMLResponse)
 def new_job_page(request: Request, viewer: ViewerDep, runtime: RuntimeDep) -> HTMLResponse:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         choices = _choices(session)
     return render(request, "job_new.html", viewer, form={}, errors=[], **choices)
 
@@ -283,7 +283,7 @@ def _ap(value: Any) -> str:
 
 
 def _detail(runtime, job_id: int) -> dict[str, Any]:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         job = jobs_api.get_job(job_id, session)
         row = session.get(Job, job_id)
         activity = _activity(row)
@@ -329,7 +329,7 @@ def retry(job_id: int, viewer: ViewerDep, runtime: RuntimeDep, csrf: Annotated[s
 @router.get("/{job_id}/files/{name:path}")
 def artifact(job_id: int, name: str, viewer: ViewerDep, runtime: RuntimeDep) -> FileResponse:
     """A job's artifact (inline, so plots show in the page)."""
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         found = jobs_api.get_artifact(job_id, name, session, runtime)
     found.headers["content-disposition"] = found.headers["content-disposition"].replace(
         "attachment", "inline"
@@ -351,7 +351,7 @@ def round_plot(job_id: int, round_number: int, kind: str, viewer: ViewerDep, run
     agreement of its pseudo-labels (``agreement``); an empty chart until the round has them."""
     if kind not in ("scores", "classes", "agreement"):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no plot {kind!r}: scores, classes or agreement")
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         job = jobs_api.get_job(job_id, session)
         spec = dict(session.get(Job, job_id).spec or {})
     calibration = (
@@ -370,7 +370,7 @@ def round_plot(job_id: int, round_number: int, kind: str, viewer: ViewerDep, run
 
 
 def _round_labels(runtime, job_id: int, round_number: int) -> tuple[jobs_api.JobPublic, LabelSet]:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         job = jobs_api.get_job(job_id, session)
         spec = dict(session.get(Job, job_id).spec or {})
     labels = pseudo_labels(runtime.storage, job_id, spec, round_number)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Form, HTTPException, Request, Response, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from service.api.deps import RuntimeDep
-from service.db import transaction
+from service.db import reading, transaction
 from service.ui import sessions
 from service.ui.deps import ViewerDep, render
 
@@ -35,7 +35,7 @@ def _login_form(request: Request, next_url: str, *, error: str | None = None, co
 
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, runtime: RuntimeDep, next: str = "/ui/jobs") -> Response:
-    with transaction(runtime.sessions) as session:
+    with reading(runtime.sessions) as session:
         signed_in = sessions.viewer(session, request.cookies.get(sessions.COOKIE))
     if signed_in is not None:
         return RedirectResponse(_safe_next(next), status.HTTP_303_SEE_OTHER)
