@@ -22,13 +22,21 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite files get WAL, a 30 s busy timeout and foreign keys."""
+    """An engine for ``url``; SQLite files get WAL, a 30 s busy timeout and foreign keys.
+
+    The pool must not be the bottleneck: a request holds its connection from its first query until its
+    session closes, which can wait for a free worker thread (AnyIO's 40), so a busy API holds more
+    connections than it runs threads. SQLite connections are cheap: no limit beyond the 20 kept open.
+    PostgreSQL: up to 50 per process (its default server limit is 100).
+    """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20, max_overflow=-1
+        )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
 
 
 def _sqlite_connect(connection, _record) -> None:
@@ -68,9 +76,8 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work commits at the end of the block, or rolls back on an exception; the only kind
     of session that may write (on SQLite it holds the write lock from its start: keep it short)."""
-    with sessions() as session, session.begin():
-        session.connection(execution_options={_WRITES: True})
-        session.info[_WRITES] = True
+    # the option reaches the connection when the session first needs one (nothing is held before that)
+    with sessions(execution_options={_WRITES: True}, info={_WRITES: True}) as session, session.begin():
         yield session
 
 

@@ -22,6 +22,9 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
+        if declared in (None, 0) and _header(scope, b"transfer-encoding") is None:
+            await self.app(scope, receive, send)  # no body (a GET): nothing to count
+            return
         if declared is not None and declared > self.limit:
             await _too_large(send, self.limit)
             return

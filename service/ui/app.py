@@ -9,7 +9,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.ui import catalog, jobs, login
 from service.ui.deps import SignInFirst, login_url, render
@@ -22,6 +24,29 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
 }
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (no per-request task or body stream, unlike ``@app.middleware``): the
+    dashboard's pages get :data:`SECURITY_HEADERS` and ``Cache-Control: no-store``; other paths pass."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path != "/ui" and not path.startswith("/ui/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in {**SECURITY_HEADERS, "Cache-Control": "no-store"}.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def mount_dashboard(app: FastAPI) -> None:
@@ -45,11 +70,4 @@ def mount_dashboard(app: FastAPI) -> None:
             return await http_exception_handler(request, exc)
         return render(request, "error.html", None, exc.status_code, code=exc.status_code, detail=exc.detail)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next) -> Response:
-        response = await call_next(request)
-        if request.url.path == "/ui" or request.url.path.startswith("/ui/"):
-            for name, value in SECURITY_HEADERS.items():
-                response.headers.setdefault(name, value)
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
+    app.add_middleware(SecurityHeaders)
