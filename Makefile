@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint audit bench clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or run: make PYTHON=/path/to/python3.11 ...)"; exit 2; }
@@ -23,11 +23,15 @@ test: $(STAMP)
 	bash tools/system_deps.sh
 	$(BIN)/ruff check distill workers service tests bench tools
 	$(BIN)/ruff format --check distill workers service tests bench tools
+	$(BIN)/python tools/audit.py
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check distill workers service tests bench tools
 	$(BIN)/ruff format --check distill workers service tests bench tools
+
+audit: $(STAMP)
+	$(BIN)/python tools/audit.py --strict
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_infer_speed.py

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill import steps
+from distill.errors import DistillError
 from distill.health import round_problems
 from distill.hooks import StepContext
 from distill.io import write_json_atomic, write_text_atomic
@@ -59,6 +60,11 @@ def stage_name(kind: str, round_number: int = 1) -> str:
 def parse_stage(stage: str) -> tuple[str, int]:
     kind, _, number = stage.partition("@")
     return kind, int(number or 1)
+
+
+class EmptyPseudoLabels(DistillError):
+    """The teacher's predictions left no pseudo-instance at all: the job fails with the calibration's
+    reason instead of succeeding with nothing."""
 
 
 @dataclass
@@ -114,7 +120,11 @@ def teacher_of(run: UnitRun, round_number: int) -> str:
 
 def _train(run: UnitRun, spec: TrainSpec, context: StepContext, role: str) -> Outcome:
     result = steps.train(spec, run.storage, context)
-    info = {"iterations": result.info.get("iterations"), "backend": spec.backend}
+    info = {
+        "iterations": result.info.get("iterations"),
+        "resumed_from": result.info.get("resumed_from"),  # the checkpoint's iteration when a retry resumed
+        "backend": spec.backend,
+    }
     meta = read_meta(run.storage.local(spec.out, members=steps.MODEL_FILES))
     model = {"role": role, "key": spec.out, "backend": meta.get("backend", spec.backend), "info": info}
     return Outcome(spec.out, metrics={**result.metrics, **info}, models=[model])
@@ -178,6 +188,9 @@ def run_pseudo_label(run: UnitRun, context: StepContext) -> Outcome:
     shards = layout.shards(run.unit_counts[stage_name("infer", k)])
     spec = pseudo_label_spec(run.config, teacher_of(run, k), shards, layout.pseudo, storage=run.storage)
     result = steps.pseudo_label(spec, run.storage, context)
+    if not result.metrics["kept_instances"]:
+        # a job must not "succeed" with nothing: every unlabeled image would become a negative
+        raise EmptyPseudoLabels("; ".join(result.warnings) or "no pseudo-instances survive calibration")
     return Outcome(layout.pseudo, warnings=result.warnings, metrics=result.metrics)
 
 

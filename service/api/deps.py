@@ -69,7 +69,10 @@ def get_session(request: Request, runtime: RuntimeDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the session closes (a write commits) when the route returns, *before* the answer is sent;
+# FastAPI's default runs a yield dependency's exit after sending, so a client could be told 201 for a row
+# not committed yet (or never, if the commit failed)
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False)
 

@@ -96,7 +96,7 @@ class Stack:
         shutil.copytree(model, self.root / "models" / "teacher")
         self.database = database or f"sqlite:///{tmp_path / 'distill.db'}"
         upgrade(self.database)
-        self.env = env = {
+        self.env = {
             **os.environ,
             "DISTILL_DATABASE_URL": self.database,
             "DISTILL_STORAGE_URL": str(self.root) if storage is None else storage[0],
@@ -106,22 +106,25 @@ class Stack:
             "OMP_NUM_THREADS": "2",
         }
         self.log_path = tmp_path / "worker.log"
-        self.log = self.log_path.open("w")
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu,cpu", "-c", "1",
-             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        self.log = self.log_path.open("a")
+        self.start_worker()
         self.engine = make_engine(self.database)
         self.sessions = session_factory(self.engine)
         from workers.app import make_celery
 
         self.celery = make_celery(Settings(redis_url=redis_url))
 
-    def submit(self, shard_size: int) -> int:
+    def start_worker(self) -> None:
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "gpu,cpu", "-c", "1",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def submit(self, shard_size: int, inference: InferenceSpec = VIEWS) -> int:
         return submit_distill_job(
             self.sessions, Storage(self.root), model="models/teacher", unlabeled="data/unlabeled.json",
-            unlabeled_images="data/images", labeled="data/labeled.json", inference=VIEWS,
+            unlabeled_images="data/images", labeled="data/labeled.json", inference=inference,
             shard_size=shard_size,
             enqueue=lambda job, stage, index, queue: self.celery.send_task(
                 "distill.run_unit", args=[job, stage, index], queue=queue
