@@ -77,9 +77,9 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 class Stack:
-    """Storage with the tiny data and teacher (the folder ``root``, or ``storage``: the fsspec URL and options
-    the processes reach it through), a migrated ledger (SQLite unless ``database``), and one real Celery
-    worker."""
+    """Storage with the tiny data and teacher (the folder ``root``, default ``tmp_path/storage``, or
+    ``storage``: the fsspec URL and options the processes reach it through), a migrated ledger (SQLite
+    unless ``database``), and one real Celery worker."""
 
     def __init__(
         self,
@@ -90,8 +90,9 @@ class Stack:
         lease: float,
         database: str | None = None,
         storage: tuple[str, dict[str, str]] | None = None,
+        root: Path | None = None,
     ) -> None:
-        self.root = tmp_path / "storage"
+        self.root = root or tmp_path / "storage"
         shutil.copytree(tiny_data, self.root / "data")
         shutil.copytree(model, self.root / "models" / "teacher")
         self.database = database or f"sqlite:///{tmp_path / 'distill.db'}"
