@@ -139,11 +139,24 @@ def run_unit(self, job_id: int, stage: str, index: int) -> None:
             str(exc) if isinstance(exc, DistillError) else f"{type(exc).__name__}: {exc}",
         )
         return
+    _fault_pause(stage)
     try:
         _complete(sessions, settings, lease, outcome)
     except Exception as exc:  # nothing of the outcome was kept (one transaction): an attempt that failed
         logger.exception("recording unit %s/%d of job %d failed", stage, index, job_id)
         _fail(sessions, settings, lease, f"recording its outcome failed: {_described(exc)}")
+
+
+def _fault_pause(stage: str) -> None:
+    """A fault-injection point for the tests: with ``DISTILL_FAULT_PAUSE_AFTER=<stage>`` the worker, its
+    work on a unit of that stage done but not recorded yet, creates the file ``DISTILL_FAULT_PAUSE_FILE``
+    and sleeps ``DISTILL_FAULT_PAUSE_SECONDS`` (default 30), so a test can kill it exactly there."""
+    if os.environ.get("DISTILL_FAULT_PAUSE_AFTER") != stage:
+        return
+    marker = os.environ.get("DISTILL_FAULT_PAUSE_FILE")
+    if marker and not os.path.exists(marker):  # the first attempt only: a retry records at once
+        open(marker, "w").close()
+        time.sleep(float(os.environ.get("DISTILL_FAULT_PAUSE_SECONDS", "30")))
 
 
 def _described(exc: Exception) -> str:

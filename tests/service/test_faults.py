@@ -192,6 +192,41 @@ def test_redis_killed_and_restarted_mid_job_the_job_and_a_queued_one_succeed(
         assert sorted(im["id"] for im in pseudo["images"]) == sorted(unlabeled)
 
 
+def test_a_worker_killed_during_finalisation_records_it_once(
+    tmp_path: Path,
+    tiny_data: Path,
+    trained_tiny_model: Path,
+    redis_url: str,  # noqa: F811
+) -> None:
+    """The pseudo-label unit (a distill job's last) has written pseudo.json but not recorded its outcome
+    when its worker dies (a fault-injection pause in workers.tasks); the retry records it once."""
+    marker = tmp_path / "paused"
+    stack = Stack(tmp_path, tiny_data, trained_tiny_model, redis_url, lease=6, start=False)
+    stack.env |= {"DISTILL_FAULT_PAUSE_AFTER": "pseudo_label", "DISTILL_FAULT_PAUSE_FILE": str(marker)}
+    stack.start_worker()
+    try:
+        job_id = stack.submit(shard_size=12)
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert time.time() < deadline, stack.log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        assert (stack.root / f"jobs/{job_id}/round_1/pseudo.json").exists()  # the work is done ...
+        kill_running_unit(stack, job_id, "pseudo_label")  # ... and not recorded
+        job = stack.wait(job_id, finished)
+        assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
+        with reading(stack.sessions) as session:
+            row = session.get(Job, job_id)
+            (unit,) = [s for s in row.shards if s.stage == "pseudo_label"]
+            assert unit.attempts == 2 and unit.state == "done"
+            assert len(row.warnings) == len(set(row.warnings))  # recorded once, not once per attempt
+            assert row.metrics["pseudo_label"]["kept_instances"] > 0
+    finally:
+        stack.close()
+    mine = json.loads((stack.root / f"jobs/{job_id}/round_1/pseudo.json").read_text())
+    theirs = in_process_pseudo(tmp_path, tiny_data, trained_tiny_model)
+    assert mine["annotations"] == theirs["annotations"]
+
+
 def submit_train(stack: Stack, iterations: int) -> int:
     spec = {
         "out": None, "labeled": "data/labeled.json", "labeled_images": "data/images", "config": "tiny",

@@ -91,6 +91,7 @@ class Stack:
         database: str | None = None,
         storage: tuple[str, dict[str, str]] | None = None,
         root: Path | None = None,
+        start: bool = True,
     ) -> None:
         self.root = root or tmp_path / "storage"
         shutil.copytree(tiny_data, self.root / "data")
@@ -108,7 +109,8 @@ class Stack:
         }
         self.log_path = tmp_path / "worker.log"
         self.log = self.log_path.open("a")
-        self.start_worker()
+        if start:  # else the caller changes env first, then start_worker()
+            self.start_worker()
         self.engine = make_engine(self.database)
         self.sessions = session_factory(self.engine)
         from workers.app import make_celery
