@@ -28,7 +28,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--strict", action="store_true", help="fail when nothing could be audited")
-    parser.add_argument("--timeout", type=int, default=30, help="seconds per vulnerability-service request")
+    parser.add_argument("--timeout", type=int, default=15, help="seconds per vulnerability-service request")
+    parser.add_argument("--total-timeout", type=int, default=180, help="seconds for the whole audit")
     return parser
 
 
@@ -41,16 +42,20 @@ def _requirements() -> list[str]:
     return [f"{d['name']}=={d['version']}" for d in json.loads(frozen) if d["name"] not in NOT_ON_PYPI]
 
 
-def audit(strict: bool, timeout: int) -> int:
+def audit(strict: bool, timeout: int, total: int) -> int:
     requirements = _requirements()
     with tempfile.TemporaryDirectory() as folder:
         listing = Path(folder) / "requirements.txt"
         listing.write_text("\n".join(requirements) + "\n")
-        answer = subprocess.run(
-            [sys.executable, "-m", "pip_audit", "--requirement", str(listing), "--no-deps", "--disable-pip",
-             "--format", "json", "--progress-spinner", "off", "--timeout", str(timeout)],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        try:
+            answer = subprocess.run(
+                [sys.executable, "-m", "pip_audit", "--requirement", str(listing), "--no-deps",
+                 "--disable-pip", "--format", "json", "--progress-spinner", "off", "--timeout", str(timeout)],
+                capture_output=True, text=True, timeout=total,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:  # a network that drops packets instead of refusing: not a hang
+            print(f"NOT AUDITED: pip-audit did not finish within {total} s")
+            return 1 if strict else 0
     try:
         report = json.loads(answer.stdout)
     except json.JSONDecodeError:
@@ -87,7 +92,7 @@ def summarize(report: dict, strict: bool) -> tuple[list[str], int]:
 
 def main() -> None:
     args = get_args_parser().parse_args()
-    sys.exit(audit(args.strict, args.timeout))
+    sys.exit(audit(args.strict, args.timeout, args.total_timeout))
 
 
 if __name__ == "__main__":
