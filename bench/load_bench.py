@@ -51,6 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--think", type=float, default=0.5, help="seconds each client waits between requests")
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument("--uploads", type=int, default=2, help="upload streams beside the readers")
+    parser.add_argument("--api-workers", type=int, default=1, help="distill up --api-workers")
     parser.add_argument("--upload-images", type=int, default=200, help="images per streamed archive")
     parser.add_argument("--teacher-iterations", type=int, default=30)
     return parser
@@ -132,7 +133,8 @@ def main() -> None:
         _upload_archive(args.out / f"upload-{k}.tar", args.upload_images, k) for k in range(args.uploads)
     ]
     shutil.rmtree(args.out / "var", ignore_errors=True)  # a fresh service: no earlier run's rows or logs
-    stack = Stack(args.out / "var", env={"DISTILL_INFERENCE_CACHE": "false"})
+    api = ["--api-workers", str(args.api_workers)]
+    stack = Stack(args.out / "var", env={"DISTILL_INFERENCE_CACHE": "false"}, extra_args=api)
     try:
         lab, unl, model = _prepared(stack, data, labeled, unlabeled, archive)
         quiet = _distill_job(stack, lab, unl, model, None)
@@ -171,7 +173,8 @@ def main() -> None:
         stack.close()
     latencies = np.array(out["latencies"]) * 1000
     results = {
-        "clients": args.clients, "think_s": args.think, "requests": int(latencies.size),
+        "clients": args.clients, "think_s": args.think, "api_workers": args.api_workers,
+        "requests": int(latencies.size),
         "status": {str(k): v for k, v in sorted(out["status"].items())},
         "5xx": sum(v for k, v in out["status"].items() if k >= 500), "transport_errors": len(out["errors"]),
         "transport_error_kinds": sorted(set(out["errors"])),

@@ -109,13 +109,15 @@ def _archive(model: Path, dest: Path) -> Path:
 class Stack:
     """``distill up`` with its own data dir, a client on it, the bench's datasets and teacher registered."""
 
-    def __init__(self, var: Path, env: dict[str, str] | None = None, workers: int | None = None) -> None:
+    def __init__(
+        self, var: Path, env: dict[str, str] | None = None, workers: int | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:  # fmt: skip
         token = demo_token(var)
         self.env = {**os.environ, **(env or {}), "DISTILL_ADMIN_TOKEN": token}
         self.env.pop("DISTILL_REDIS_URL", None)
-        self.service = Service(
-            var, self.env, extra_args=[] if workers is None else ["--workers-gpu", str(workers)]
-        )
+        args = [] if workers is None else ["--workers-gpu", str(workers)]
+        self.service = Service(var, self.env, extra_args=[*args, *(extra_args or [])])
         self.client = Client(self.service.start(), token, timeout=600)
 
     def dataset(self, name: str, kind: str, images: Path, coco: Path, annotations: bool) -> int:

@@ -31,6 +31,9 @@ def up(
             help="workers on the gpu queue (default: one per GPU, or one on the CPU when there is none)"
         ),
     ] = None,
+    api_workers: Annotated[
+        int, typer.Option(help="API processes (uvicorn --workers): more concurrent readers, a core each")
+    ] = 1,
     redis_url: Annotated[
         str | None,
         typer.Option(
@@ -53,7 +56,8 @@ def up(
     from service.up import UpOptions, run_up
 
     options = UpOptions(
-        host=host, port=port, data_dir=data_dir, workers_gpu=workers_gpu, redis_url=redis_url,
+        host=host, port=port, data_dir=data_dir, workers_gpu=workers_gpu, api_workers=api_workers,
+        redis_url=redis_url,
         ready_file=ready_file, worker_stop_timeout=worker_stop_timeout, start_timeout=start_timeout,
     )  # fmt: skip
     raise typer.Exit(run_up(options))

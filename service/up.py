@@ -49,6 +49,7 @@ class UpOptions:
     port: int = 8000
     data_dir: Path = Path("var")
     workers_gpu: int | None = None  # None: one per GPU, or one on the CPU when there is none
+    api_workers: int = 1  # API processes (uvicorn --workers): reads scale with them, one core each
     redis_url: str | None = None  # None: DISTILL_REDIS_URL, else an embedded Redis
     ready_file: Path | None = None
     api_stop_timeout: float = 10.0
@@ -269,6 +270,8 @@ class Supervisor:
         options = self.options
         if not 1 <= options.port <= 65535:
             raise InputError(f"--port {options.port}: expected 1..65535")
+        if options.api_workers < 1:
+            raise InputError(f"--api-workers {options.api_workers}: expected 1 or more")
         if options.workers_gpu is not None and options.workers_gpu < 0:
             raise InputError(f"--workers-gpu {options.workers_gpu}: expected 0 or more")
         for sub in ("storage", "redis", "logs"):
@@ -387,6 +390,8 @@ class Supervisor:
         grace = str(max(1, int(options.api_stop_timeout) - 2))  # uvicorn closes open connections after it
         api = [python, "-m", "uvicorn", "service.api.main:app", "--host", options.host, "--port",
                str(options.port), "--timeout-graceful-shutdown", grace]  # fmt: skip
+        if options.api_workers > 1:  # the database is migrated already (above): the workers only check it
+            api += ["--workers", str(options.api_workers)]
         self._add("api", api, env, options.api_stop_timeout)
         devices = gpu_devices(env)
         count = options.workers_gpu if options.workers_gpu is not None else max(1, len(devices))

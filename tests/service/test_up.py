@@ -65,12 +65,15 @@ def _env() -> dict[str, str]:
 class Up:
     """One ``distill up`` on ``data_dir`` and a free port, writing its ready file."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.data_dir, self.port = data_dir, free_port()
         self.ready_file = data_dir.parent / f"ready-{self.port}.json"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "distill.cli", "up", "--data-dir", str(data_dir), "--port", str(self.port),
-             "--ready-file", str(self.ready_file), "--worker-stop-timeout", "20", "--start-timeout", "90"],
+             "--ready-file", str(self.ready_file), "--worker-stop-timeout", "20", "--start-timeout", "90",
+             *extra],
             env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )  # fmt: skip
@@ -159,12 +162,14 @@ def test_distill_up_serves_stops_everything_and_keeps_its_admin_token(tmp_path: 
         for run in runs:
             run.kill()
 
-    again = Up(data_dir)
+    again = Up(data_dir, extra=("--api-workers", "2"))  # and this time two API processes
     try:
         ready = again.wait_ready()
         assert ready["admin_token"] is None  # not a new one: the first is still the admin's
-        readyz = httpx.get(f"{ready['url']}/readyz", headers={"Authorization": f"Bearer {admin}"})
-        assert readyz.status_code == 200
+        for _ in range(8):  # answered, whichever process takes the connection
+            readyz = httpx.get(f"{ready['url']}/readyz", headers={"Authorization": f"Bearer {admin}"})
+            assert readyz.status_code == 200
+        assert len(descendants(ready["children"]["api"])) >= 2  # uvicorn's two worker processes
         pids = again.processes()
         # a child dying is reported, and everything else stops with it
         os.kill(ready["children"]["api"], signal.SIGKILL)
