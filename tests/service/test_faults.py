@@ -29,8 +29,6 @@ import yaml
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from distill import steps
-from distill.specs import InferSpec, PseudoLabelSpec
 from service import auth, jobs
 from service.db import reading, transaction
 from service.models import Image, Job
@@ -41,7 +39,9 @@ from tests.service.test_workers import (
     Stack,
     _stop,
     finished,
+    in_process_pseudo,
     infer_units,
+    pool_pid,
     redis_binary,
     redis_url,  # noqa: F401 (a fixture)
     shard_lines,
@@ -101,25 +101,6 @@ def restartable_redis(tmp_path: Path) -> Iterator[Redis]:
         yield server
     finally:
         server.close()
-
-
-def in_process_pseudo(tmp_path: Path, data: Path, model: Path) -> dict:
-    """The pseudo-labels of the steps run in one process on the same teacher and batching."""
-    local = steps.infer(
-        InferSpec(model=str(model), images=str(data / "unlabeled.json"), images_dir=str(data / "images"),
-                  out=str(tmp_path / "undisturbed.jsonl"), inference=VIEWS)
-    )  # fmt: skip
-    spec = PseudoLabelSpec(
-        predictions=[local.artifacts["predictions"]], unlabeled=str(data / "unlabeled.json"),
-        labeled=str(data / "labeled.json"), out=str(tmp_path / "undisturbed.json"),
-    )  # fmt: skip
-    steps.pseudo_label(spec)
-    return json.loads((tmp_path / "undisturbed.json").read_text())
-
-
-def pool_pid(owner: str) -> int:
-    """The process id in a lease owner (``host:pid``): the Celery pool process running the unit."""
-    return int(owner.rsplit(":", 1)[1])
 
 
 def kill_running_unit(stack: Stack, job_id: int, stage: str, not_pid: int | None = None) -> int:

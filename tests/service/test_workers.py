@@ -161,6 +161,25 @@ def shard_lines(root: Path, job_id: int, count: int) -> list[dict]:
     return [json.loads(t) for key in keys for t in (root / key).read_text().splitlines()]
 
 
+def in_process_pseudo(tmp_path: Path, data: Path, model: Path) -> dict:
+    """The pseudo-labels of the steps run in one process on the same teacher and batching."""
+    local = steps.infer(
+        InferSpec(model=str(model), images=str(data / "unlabeled.json"), images_dir=str(data / "images"),
+                  out=str(tmp_path / "undisturbed.jsonl"), inference=VIEWS)
+    )  # fmt: skip
+    spec = PseudoLabelSpec(
+        predictions=[local.artifacts["predictions"]], unlabeled=str(data / "unlabeled.json"),
+        labeled=str(data / "labeled.json"), out=str(tmp_path / "undisturbed.json"),
+    )  # fmt: skip
+    steps.pseudo_label(spec)
+    return json.loads((tmp_path / "undisturbed.json").read_text())
+
+
+def pool_pid(owner: str) -> int:
+    """The process id in a lease owner (``host:pid``): the Celery pool process running the unit."""
+    return int(owner.rsplit(":", 1)[1])
+
+
 def infer_units(job: Job) -> list[Shard]:
     return [s for s in job.shards if s.stage == "infer"]
 
@@ -187,19 +206,8 @@ def test_a_distill_job_through_celery_workers_equals_the_in_process_steps(
     unlabeled = json.loads((tiny_data / "unlabeled.json").read_text())["images"]
     assert [line["image_id"] for line in shard_lines(root, job_id, 3)] == [im["id"] for im in unlabeled]
     # and the same pseudo-labels as the steps run in-process on the same teacher and batching
-    local = steps.infer(
-        InferSpec(model=str(trained_tiny_model), images=str(tiny_data / "unlabeled.json"),
-                  images_dir=str(tiny_data / "images"), out=str(tmp_path / "all.jsonl"), inference=VIEWS)
-    )  # fmt: skip
-    pseudo = PseudoLabelSpec(
-        predictions=[local.artifacts["predictions"]], unlabeled=str(tiny_data / "unlabeled.json"),
-        labeled=str(tiny_data / "labeled.json"), out=str(tmp_path / "pseudo.json"),
-    )  # fmt: skip
-    steps.pseudo_label(pseudo)
-    mine, theirs = (
-        json.loads(p.read_text())
-        for p in (root / f"jobs/{job_id}/round_1/pseudo.json", tmp_path / "pseudo.json")
-    )
+    mine = json.loads((root / f"jobs/{job_id}/round_1/pseudo.json").read_text())
+    theirs = in_process_pseudo(tmp_path, tiny_data, trained_tiny_model)
     assert mine["annotations"] == theirs["annotations"] and mine["images"] == theirs["images"]
 
 
@@ -216,7 +224,7 @@ def test_a_worker_killed_mid_shard_loses_no_image_and_labels_none_twice(
 
         job = stack.wait(job_id, running)
         victim = next(s for s in infer_units(job) if s.state == "running")
-        os.kill(int(victim.lease_owner.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process running it
+        os.kill(pool_pid(victim.lease_owner), signal.SIGKILL)
         job = stack.wait(job_id, finished)
         assert job.state == "succeeded", (job.error, stack.log_path.read_text()[-3000:])
         with transaction(stack.sessions) as session:
