@@ -11,12 +11,14 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.models import ApiToken, utcnow
+from service.models import ApiToken, aware, utcnow
 
 SCOPES = ("read", "write", "admin")
 PREFIX = "dst_"
@@ -33,6 +35,48 @@ class TokenInfo:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenCache:
+    """Tokens recently found live, by hash, each trusted for ``seconds`` after its database lookup.
+
+    The API's hot path: a poller's every request would otherwise open a database session (and, for a sync
+    dependency, take a thread) only to find its token again. The cost is a revocation delay: a token revoked
+    in the database is still accepted for up to ``seconds`` by a process that has it cached. An entry never
+    outlives its token's own expiry; unknown tokens are never cached (each one is looked up).
+    ``seconds`` <= 0 turns the cache off. Not thread-safe: the API uses it from its event loop only.
+    """
+
+    def __init__(
+        self, seconds: float, *, max_entries: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.seconds = seconds
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, tuple[float, TokenInfo, dt.datetime | None]] = {}
+
+    def get(self, token: str) -> TokenInfo | None:
+        """The cached token, or None (not cached, cached too long ago, or past its expiry)."""
+        if self.seconds <= 0:
+            return None
+        digest = _digest(token)
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        cached_at, info, expires_at = entry
+        if self._clock() - cached_at >= self.seconds or (expires_at is not None and expires_at <= utcnow()):
+            del self._entries[digest]
+            return None
+        return info
+
+    def put(self, token: str, info: TokenInfo, expires_at: dt.datetime | None) -> None:
+        """Remember a token just found live (``expires_at``: its expiry, None for none)."""
+        if self.seconds <= 0:
+            return
+        if len(self._entries) >= self._max_entries:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        expiry = None if expires_at is None else aware(expires_at)
+        self._entries[_digest(token)] = (self._clock(), info, expiry)
 
 
 def create_token(

@@ -146,8 +146,10 @@ def token_revoke(
     token_id: Annotated[int, typer.Argument(metavar="ID", help="the id `distill token list` shows")],
     data_dir: DataDir = Path("var"),
 ) -> None:
-    """Revoke a token: requests bearing it get 401 from then on."""
+    """Revoke a token: requests bearing it get 401 from then on (a running API that checked it in the last
+    DISTILL_TOKEN_CACHE_SECONDS, default 5, may accept it until that much time has passed)."""
     from service import auth
+    from service.config import Settings
     from service.db import transaction
 
     sessions, engine = _sessions(data_dir)
@@ -158,7 +160,8 @@ def token_revoke(
         engine.dispose()
     if not revoked:
         raise InputError(f"token {token_id}: no such live token")
-    typer.echo(f"revoked token {token_id}")
+    seconds = Settings().token_cache_seconds
+    typer.echo(f"revoked token {token_id} (running API processes refuse it within {seconds:g} s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,8 @@
     DISTILL_INFERENCE_CACHE=true                keep fused predictions per (teacher, image, views, fusion)
     DISTILL_SCHEDULE_TICK_SECONDS=30            how often celery beat asks whether a schedule is due
     DISTILL_UI_SESSION_HOURS=12                 how long a dashboard login lasts
+    DISTILL_TOKEN_CACHE_SECONDS=5               an API process trusts a token it found live this long (so a
+                                                revoked token may work this long there; 0: look up each time)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Settings(BaseSettings):
     inference_cache: bool = True
     schedule_tick_seconds: float = Field(30.0, gt=0)
     ui_session_hours: float = Field(12.0, gt=0, le=24 * 30)
+    token_cache_seconds: float = Field(5.0, ge=0)  # how long the API trusts a token it found live
     max_body_bytes: int = Field(2**20, ge=1024)  # JSON and form bodies; uploads are limited per file
 
     @property

@@ -3,13 +3,15 @@ token, as ``Annotated`` aliases so a route's signature shows what it needs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import datetime as dt
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from distill.errors import InputError
 from service import auth
@@ -54,7 +56,7 @@ def page(session: Session, query: Select[Any], order: Any, offset: int, limit: i
     return list(session.scalars(query.order_by(order).offset(offset).limit(limit)).all()), count
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:  # async: no thread-pool hop for an attribute read
     return request.app.state.runtime
 
 
@@ -77,18 +79,33 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require(scope: str) -> Callable[..., str]:
-    """A dependency admitting tokens of ``scope`` or above: 401 without a valid token, 403 below the scope."""
+def _look_up(runtime: Runtime, secret: str) -> tuple[auth.TokenInfo, dt.datetime | None] | None:
+    # its own read-only session: a lookup must not take (or wait for) SQLite's write lock
+    with reading(runtime.sessions) as session:
+        row = auth.authenticate(session, secret)
+        return None if row is None else (auth.TokenInfo(row.id, row.scope), row.expires_at)
 
-    def check(
-        runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+def require(scope: str) -> Callable[..., Awaitable[auth.TokenInfo]]:
+    """A dependency admitting tokens of ``scope`` or above: 401 without a valid token, 403 below the scope.
+
+    A token found live is trusted for ``DISTILL_TOKEN_CACHE_SECONDS`` (the app's :class:`auth.TokenCache`)
+    before it is looked up again; a cached check runs on the event loop, a lookup in the thread pool."""
+
+    async def check(
+        request: Request,
+        runtime: RuntimeDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> auth.TokenInfo:
         token = None
         if credentials is not None:
-            # its own read-only session: a lookup must not take (or wait for) SQLite's write lock
-            with reading(runtime.sessions) as session:
-                token = auth.authenticate(session, credentials.credentials)
-                token = None if token is None else auth.TokenInfo(token.id, token.scope)
+            cache: auth.TokenCache = request.app.state.tokens
+            token = cache.get(credentials.credentials)
+            if token is None:
+                found = await run_in_threadpool(_look_up, runtime, credentials.credentials)
+                if found is not None:
+                    token = found[0]
+                    cache.put(credentials.credentials, *found)
         if token is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,

@@ -26,6 +26,7 @@ from service.api.metrics import router as metrics_router
 from service.api.models import router as models_router
 from service.api.routes import router as jobs_router
 from service.api.schedules import router as schedules_router
+from service.auth import TokenCache
 from service.config import Settings
 from service.db import make_engine, session_factory, transaction, upgrade
 from service.ui.app import mount_dashboard
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, *, enqueue=None) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="distill", lifespan=lifespan, generate_unique_id_function=_operation_id)
+    app.state.tokens = TokenCache(settings.token_cache_seconds)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(OverflowError)

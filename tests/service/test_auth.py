@@ -63,3 +63,69 @@ def test_a_token_past_its_expiry_gets_nowhere_and_its_dashboard_sessions_end(ses
         assert ui_sessions.viewer(session, signed_in[0]) is None  # the cookie dies with its token
         assert ui_sessions.sign_in(session, soon, hours=12) is None
         assert auth.authenticate(session, forever) is not None
+
+
+def test_the_token_cache_forgets_after_its_time_and_at_the_token_expiry() -> None:
+    now = [100.0]
+    cache = auth.TokenCache(5.0, max_entries=2, clock=lambda: now[0])
+    reader = auth.TokenInfo(1, "read")
+    cache.put("dst_a", reader, None)
+    assert cache.get("dst_a") == reader and cache.get("dst_b") is None
+    now[0] += 4.9
+    assert cache.get("dst_a") == reader
+    now[0] += 0.1
+    assert cache.get("dst_a") is None  # 5 s after its lookup: looked up again
+    cache.put("dst_c", reader, utcnow() - dt.timedelta(seconds=1))
+    assert cache.get("dst_c") is None  # never past the token's own expiry
+    for name in ("dst_1", "dst_2", "dst_3"):
+        cache.put(name, reader, None)
+    assert cache.get("dst_1") is None and cache.get("dst_3") == reader  # bounded: the oldest goes
+    off = auth.TokenCache(0)
+    off.put("dst_a", reader, None)
+    assert off.get("dst_a") is None
+
+
+@pytest.mark.parametrize("cache_seconds", [0.0, 1.0])
+def test_a_revoked_token_is_refused_once_the_cache_time_has_passed(tmp_path, cache_seconds) -> None:
+    """The API trusts a token it found live for DISTILL_TOKEN_CACHE_SECONDS: a revocation made by another
+    process (the CLI) is seen at once with the cache off, and after at most that long with it on."""
+    import time
+
+    import httpx
+
+    from service.api.main import create_app
+    from service.config import Settings
+    from service.db import upgrade
+    from tests.service.conftest import serving
+
+    database = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(database)
+    engine = make_engine(database)
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        token = auth.create_token(session, scope="read")
+        token_id = auth.authenticate(session, token).id
+    settings = Settings(
+        database_url=database, storage_url=str(tmp_path / "storage"), redis_url="redis://127.0.0.1:9/0",
+        token_cache_seconds=cache_seconds,
+    )  # fmt: skip
+    try:
+        with (
+            serving(create_app(settings, enqueue=lambda *_: None)) as base,
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client,
+        ):
+            assert client.get("/v1/datasets").status_code == 200
+            with transaction(sessions) as session:
+                assert auth.revoke(session, token_id)
+            revoked_at = time.monotonic()
+            first = client.get("/v1/datasets").status_code
+            if cache_seconds == 0:
+                assert first == 401
+            else:
+                assert first == 200 or time.monotonic() - revoked_at >= cache_seconds  # still cached
+                while time.monotonic() - revoked_at < cache_seconds:
+                    time.sleep(0.05)
+            assert client.get("/v1/datasets").status_code == 401
+            assert client.get("/v1/jobs").status_code == 401
+    finally:
+        engine.dispose()

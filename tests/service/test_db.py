@@ -82,16 +82,15 @@ def test_a_change_outside_a_transaction_is_refused(sessions):
         assert session.scalar(select(func.count(Dataset.id))) == 0
 
 
-def test_a_write_is_committed_before_the_api_answers(tmp_path, monkeypatch):
+def test_a_write_is_committed_before_the_api_answers(tmp_path):
     """A slow commit (0.5 s, injected) delays the answer: a client told 201 finds the row."""
     import httpx
-    import uvicorn
     from sqlalchemy import Engine, event
 
     from service import auth
     from service.api.main import create_app
     from service.config import Settings
-    from tests.service.conftest import free_port
+    from tests.service.conftest import serving
 
     database = f"sqlite:///{tmp_path / 'api.db'}"
     upgrade(database)
@@ -102,23 +101,16 @@ def test_a_write_is_committed_before_the_api_answers(tmp_path, monkeypatch):
     settings = Settings(
         database_url=database, storage_url=str(tmp_path / "storage"), redis_url="redis://127.0.0.1:9/0"
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, enqueue=lambda *_: None), host="127.0.0.1", port=free_port(),
-                       log_level="warning", lifespan="on")
-    )  # fmt: skip
-    thread = threading.Thread(target=server.run, daemon=True)
 
     def slow_commit(connection) -> None:
         time.sleep(0.5)
 
     event.listen(Engine, "commit", slow_commit)
-    thread.start()
     try:
-        while not server.started:
-            assert thread.is_alive()
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{server.config.port}"
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client:
+        with (
+            serving(create_app(settings, enqueue=lambda *_: None)) as base,
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client,
+        ):
             for name in ("a", "b", "c"):
                 created = client.post("/v1/datasets", json={"name": name, "kind": "unlabeled"})
                 assert created.status_code == 201, created.text
@@ -128,6 +120,4 @@ def test_a_write_is_committed_before_the_api_answers(tmp_path, monkeypatch):
                     )
     finally:
         event.remove(Engine, "commit", slow_commit)
-        server.should_exit = True
-        thread.join(30)
         engine.dispose()
