@@ -11,8 +11,10 @@ from typing import Any
 
 from distill.data.coco import load_coco
 from distill.data.synthetic import generate, resolve_preset
+from distill.errors import InputError
 from distill.hooks import NULL_CONTEXT, StepContext
 from distill.io import write_json_atomic
+from distill.layout import PIPELINE_FILE
 from distill.pipeline import PipelineConfig, run_pipeline
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,12 @@ def run_demo(
     out = Path(out)
     data_dir = out / "data"
     started = time.perf_counter()
+    if (out / PIPELINE_FILE).exists() and not _synth_is_current(data_dir, preset, seed):
+        # regenerating the data under a finished teacher would mix two benchmarks in one run
+        raise InputError(
+            f"{out}: made from another version of the {preset!r} benchmark (seed {seed}) than this distill "
+            f"generates; delete {out} or pass another --out"
+        )
     ensure_benchmark(data_dir, preset=preset, seed=seed, context=context)
     synth_minutes = (time.perf_counter() - started) / 60
     spec = json.loads(json.dumps(settings or DEMO_SETTINGS))

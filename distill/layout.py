@@ -25,6 +25,7 @@ import posixpath
 from dataclasses import dataclass
 
 PIPELINE_FILE = "pipeline.yaml"
+INPUTS_FILE = "inputs.json"  # what the run's inputs were (file hashes, recipe contents): resume checks it
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 
@@ -94,6 +95,10 @@ class RunLayout:
     @property
     def pipeline_config(self) -> str:
         return posixpath.join(self.root, PIPELINE_FILE)
+
+    @property
+    def inputs(self) -> str:
+        return posixpath.join(self.root, INPUTS_FILE)
 
     @property
     def summary(self) -> str:

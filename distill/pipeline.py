@@ -317,7 +317,10 @@ def run_pipeline(
     layout = RunLayout(str(Path(out)))
     _check_same_config(config, Path(layout.pipeline_config))
     _check_inputs(config)
+    inputs = inputs_record(config)
+    _check_same_inputs(inputs, Path(layout.inputs))
     Path(layout.root).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(layout.inputs, inputs, indent=2)
     write_text_atomic(layout.pipeline_config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     rounds: list[dict[str, Any]] = []
     teacher = None if config.teacher.model is None else str(config.teacher.model)
@@ -474,6 +477,39 @@ def _check_same_config(config: PipelineConfig, saved: Path) -> None:
     if changed:
         raise InputError(
             f"{saved.parent}: this run directory was made with another pipeline config (differs in "
+            f"{', '.join(changed)}); use a new --out, or delete the directory to start over"
+        )
+
+
+def inputs_record(config: PipelineConfig) -> dict[str, Any]:
+    """What the config's names point at, so that a resumed run can tell they changed under the same names:
+    the sha256 of each annotation file and what each recipe holds (a built-in recipe's settings, a recipe
+    file's sha256). An image folder is not hashed (a growing pile is what it is for)."""
+    record: dict[str, Any] = {}
+    for name in ("labeled", "unlabeled", "test"):
+        path = getattr(config.data, name)
+        if path is not None and Path(path).is_file():
+            record[f"data.{name}"] = file_sha256(path)
+    for section in ("teacher", "student"):
+        recipe = getattr(config, section).recipe
+        if recipe in RECIPES:
+            record[f"{section}.recipe"] = json.loads(json.dumps(RECIPES[recipe]))
+        elif recipe is not None and Path(recipe).is_file():
+            record[f"{section}.recipe"] = file_sha256(recipe)
+    return record
+
+
+def _check_same_inputs(inputs: dict[str, Any], saved: Path) -> None:
+    """Refuse to resume a run whose data files or recipes changed under the same names (e.g. an upgraded
+    distill whose built-in recipe or benchmark preset changed): its finished steps were made from the old
+    ones. A run made before this record existed has no file to compare with."""
+    if not saved.exists():
+        return
+    before = json.loads(saved.read_text())
+    changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+    if changed:
+        raise InputError(
+            f"{saved.parent}: this run directory was made from other inputs (changed since: "
             f"{', '.join(changed)}); use a new --out, or delete the directory to start over"
         )
 

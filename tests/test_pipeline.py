@@ -230,3 +230,50 @@ def test_the_promotion_metric_must_exist(tmp_path: Path) -> None:
     assert primary_metric({"bbox": {"AP": 0.25}}, "bbox") == 0.25
     with pytest.raises(InputError, match=r"no keypoints results \(it is evaluated on bbox\)"):
         primary_metric({"bbox": {"AP": 0.25}}, "keypoints/AP")
+
+
+def test_a_run_directory_refuses_data_or_recipes_changed_under_the_same_names(
+    tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distill import recipes
+    from distill.pipeline import inputs_record, run_pipeline
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    spec = {
+        "labeled": str(data / "labeled.json"),
+        "labeled_images": str(data / "images"),
+        "unlabeled": str(data / "unlabeled.json"),
+        "unlabeled_images": str(data / "images"),
+        "test": str(data / "test.json"),
+        "test_images": str(data / "images"),
+    }
+    config = PipelineConfig.model_validate({"data": spec, "teacher": {"recipe": "tiny"}})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    (out / "inputs.json").write_text(json.dumps(inputs_record(config)))
+    labeled = json.loads((data / "labeled.json").read_text())
+    labeled["annotations"] = labeled["annotations"][:-1]  # one box fewer: another labeled split
+    (data / "labeled.json").write_text(json.dumps(labeled))
+    with pytest.raises(InputError, match=r"made from other inputs \(changed since: data\.labeled\)"):
+        run_pipeline(config, out)
+    (out / "inputs.json").write_text(json.dumps(inputs_record(config)))  # the run as if made from these
+    changed = {**recipes.RECIPES["tiny"], "model": {**recipes.RECIPES["tiny"]["model"], "test_size": 192}}
+    monkeypatch.setitem(recipes.RECIPES, "tiny", changed)  # an upgraded distill's built-in recipe
+    with pytest.raises(InputError, match=r"changed since: teacher\.recipe\)"):
+        run_pipeline(config, out)
+    assert sorted(p.name for p in out.iterdir()) == ["inputs.json", "pipeline.yaml"]  # nothing else made
+
+
+def test_the_demo_refuses_a_run_directory_of_another_benchmark_before_touching_it(tmp_path: Path) -> None:
+    from distill.data.synthetic import generate
+    from distill.demo import run_demo
+
+    out = tmp_path / "demo"
+    generate(out / "data", preset="tiny", seed=0)
+    (out / "pipeline.yaml").write_text("{}")  # a run was made here
+    before = (out / "data" / "test.json").read_bytes()
+    with pytest.raises(InputError, match=r"another version of the 'tiny' benchmark \(seed 1\)"):
+        run_demo(out, preset="tiny", seed=1)
+    assert (out / "data" / "test.json").read_bytes() == before  # not regenerated
