@@ -1,8 +1,10 @@
 """Does distillation help? Teacher vs student vs an equal-schedule labeled-only baseline, over seeds.
 
-    python bench/distill_round.py --out runs/exp --seeds 0 1 2 [--variants-seeds 0 1 2]
+    python bench/distill_round.py --out runs/exp --seeds 0 1 2 [--variants-seeds 0 1 2] \
+        [--preset demo] [--recipe synth] [--teacher-iterations N] [--schedule-factor F]
 
-Per seed ``s`` (the ``demo`` preset generated with seed ``s``, everything else seeded with ``s`` too):
+Per seed ``s`` (the ``--preset`` benchmark generated with seed ``s``, everything else seeded with ``s`` too;
+the round is the demo's, ``DEMO_SETTINGS``, with the recipe and schedule options applied):
 
 * ``teacher``: trained on the labeled split (the demo's schedule);
 * ``student``: the demo round, i.e. multi-view pseudo-labels of the unlabeled split, globally calibrated,
@@ -53,10 +55,32 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--variants", nargs="+", choices=sorted(VARIANTS), default=["single_view", "per_class"]
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="demo", help="the embedded benchmark's preset")
+    parser.add_argument("--recipe", default=DEMO_SETTINGS["teacher"]["recipe"], help="of all three models")
+    parser.add_argument("--teacher-iterations", type=int, default=DEMO_SETTINGS["teacher"]["iterations"])
+    parser.add_argument(
+        "--schedule-factor",
+        type=float,
+        default=DEMO_SETTINGS["student"]["schedule_factor"],
+        help="student (and baseline) iterations = this x the teacher's",
+    )
     return parser
 
 
-def _baseline(seed_dir: Path, seed: int, iterations: int, device: str) -> dict:
+def round_settings(args: argparse.Namespace) -> dict:
+    """The pipeline sections of one round: the demo's, with this run's recipe and schedule."""
+    spec = json.loads(json.dumps(DEMO_SETTINGS))
+    spec["teacher"].update(recipe=args.recipe, iterations=args.teacher_iterations)
+    spec["student"]["schedule_factor"] = args.schedule_factor
+    return spec
+
+
+def _identity(args: argparse.Namespace) -> dict:
+    """What makes two runs of a seed comparable (kept in results.json; a resumed seed must match it)."""
+    return {"preset": args.preset, **round_settings(args)}
+
+
+def _baseline(seed_dir: Path, seed: int, iterations: int, recipe: str, device: str) -> dict:
     data = seed_dir / "data"
     out = seed_dir / "baseline"
     metrics_file = seed_dir / "baseline_metrics.json"
@@ -66,7 +90,7 @@ def _baseline(seed_dir: Path, seed: int, iterations: int, device: str) -> dict:
         data / "labeled.json",
         data / "images",
         out,
-        recipe="synth",
+        recipe=recipe,
         device=device,
         train_overrides={"iterations": iterations, "seed": seed},
     )
@@ -75,9 +99,9 @@ def _baseline(seed_dir: Path, seed: int, iterations: int, device: str) -> dict:
     return metrics
 
 
-def _variant(seed_dir: Path, name: str, seed: int, device: str, **changes) -> dict:
+def _variant(seed_dir: Path, name: str, seed: int, settings: dict, device: str, **changes) -> dict:
     data = seed_dir / "data"
-    spec = json.loads(json.dumps(DEMO_SETTINGS))
+    spec = json.loads(json.dumps(settings))
     spec["teacher"]["model"] = str(seed_dir / "round_1" / "teacher")
     for section, values in changes.items():
         spec.setdefault(section, {}).update(values)
@@ -98,27 +122,41 @@ def main(args: argparse.Namespace) -> None:
     results: dict[int, dict] = (
         {int(k): v for k, v in json.loads(results_file.read_text()).items()} if results_file.exists() else {}
     )
+    identity, settings = _identity(args), round_settings(args)
+    for seed in {*args.seeds, *args.variants_seeds} & set(results):
+        if results[seed].get("settings", identity) != identity:
+            raise SystemExit(
+                f"{results_file}: seed {seed} was run with other settings ({results[seed]['settings']}); "
+                "use another --out"
+            )
     started = time.perf_counter()
     for seed in args.seeds:
         seed_dir = args.out / f"seed{seed}"
-        summary = run_demo(seed_dir, seed=seed, device=args.device)
+        summary = run_demo(seed_dir, preset=args.preset, seed=seed, device=args.device, settings=settings)
         round_1 = summary["rounds"][0]
+        baseline = _baseline(seed_dir, seed, round_1["student_iterations"], args.recipe, args.device)
         metrics = {
             "teacher": round_1["metrics"]["teacher"],
             "student": round_1["metrics"]["student"],
-            "baseline": _baseline(seed_dir, seed, round_1["student_iterations"], args.device),
+            "baseline": baseline,
         }
         previous = results.get(seed, {})
         # a resumed seed's summary times only what ran now: keep the first complete run's minutes
         minutes = previous.get("minutes") or summary["minutes"]
-        results[seed] = {"metrics": {**previous.get("metrics", {}), **metrics}, "minutes": minutes}
+        results[seed] = {
+            "metrics": {**previous.get("metrics", {}), **metrics},
+            "minutes": minutes,
+            "settings": identity,
+        }
         write_json_atomic(results_file, results, indent=2)
         print(f"seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     for seed in args.variants_seeds:  # after every seed's main comparison
         seed_dir = args.out / f"seed{seed}"
         metrics = results[seed]["metrics"]
         for name in args.variants:
-            metrics[f"student_{name}"] = _variant(seed_dir, name, seed, args.device, **VARIANTS[name])
+            metrics[f"student_{name}"] = _variant(
+                seed_dir, name, seed, settings, args.device, **VARIANTS[name]
+            )
             write_json_atomic(results_file, results, indent=2)
 
     for metric in METRICS:
