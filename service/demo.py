@@ -247,7 +247,7 @@ def describe(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory")
-    parser.add_argument("--preset", default="demo", help="synthetic benchmark preset (tiny | demo)")
+    parser.add_argument("--preset", default="demo", help="synthetic benchmark preset (tiny | demo | semi)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=None, help="the teacher's training iterations")
     args = parser.parse_args(argv)

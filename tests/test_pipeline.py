@@ -236,18 +236,12 @@ def test_a_run_directory_refuses_data_or_recipes_changed_under_the_same_names(
     tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from distill import recipes
+    from distill.demo import synthetic_data_spec
     from distill.pipeline import inputs_record, run_pipeline
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    spec = {
-        "labeled": str(data / "labeled.json"),
-        "labeled_images": str(data / "images"),
-        "unlabeled": str(data / "unlabeled.json"),
-        "unlabeled_images": str(data / "images"),
-        "test": str(data / "test.json"),
-        "test_images": str(data / "images"),
-    }
+    spec = synthetic_data_spec(data)
     config = PipelineConfig.model_validate({"data": spec, "teacher": {"recipe": "tiny"}})
     out = tmp_path / "run"
     out.mkdir()

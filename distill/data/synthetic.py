@@ -202,36 +202,35 @@ def _check_preset(p: SynthPreset) -> None:
         fail("max_noise_sigma and max_blur_radius must be >= 0")
 
 
+# Tuned so that a ResNet-18 R-CNN trained from scratch for a few CPU minutes learns it visibly without
+# saturating it: sparser clutter and 16 px smallest objects (still 16 px .. 60 % of the side).
+_DEMO = SynthPreset(
+    name="demo",
+    num_labeled=160,
+    num_unlabeled=800,
+    num_test=200,
+    min_side=224,
+    max_side=288,
+    min_object_size=16.0,
+    max_distractors=3,
+    max_noise_sigma=3.0,
+)
 PRESETS: dict[str, SynthPreset] = {
     "tiny": SynthPreset(
         name="tiny", num_labeled=12, num_unlabeled=24, num_test=12, min_side=128, max_side=160
     ),
-    # Tuned so that a ResNet-18 R-CNN trained from scratch for a few CPU minutes learns it visibly without
-    # saturating it: sparser clutter and 16 px smallest objects (still 16 px .. 60 % of the side).
-    "demo": SynthPreset(
-        name="demo",
-        num_labeled=160,
-        num_unlabeled=800,
-        num_test=200,
-        min_side=224,
-        max_side=288,
-        min_object_size=16.0,
-        max_distractors=3,
-        max_noise_sigma=3.0,
-    ),
+    "demo": _DEMO,
     # The demo's images at 160-200 px with a small labeled fraction (40 of 1040, ~4 %), as semi-supervised
     # detection is usually measured: with the ``synth-small`` recipe the labeled-only model is near its
     # plateau and overfits, which is where pseudo-labels can pay (issue 17; bench/RESULTS.md).
-    "semi": SynthPreset(
+    "semi": dataclasses.replace(
+        _DEMO,
         name="semi",
         num_labeled=40,
         num_unlabeled=1000,
-        num_test=200,
         min_side=160,
         max_side=200,
         min_object_size=12.0,
-        max_distractors=3,
-        max_noise_sigma=3.0,
     ),
 }
 

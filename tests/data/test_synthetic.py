@@ -250,7 +250,7 @@ def test_png_round_trip_is_lossless() -> None:
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="known presets: demo, tiny"):
+    with pytest.raises(ValueError, match="known presets: demo, semi, tiny"):
         resolve_preset("huge")
     with pytest.raises(ValueError, match="unknown SynthPreset field"):
         generate(tmp_path, preset="tiny", num_images=3)

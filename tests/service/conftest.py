@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from service.db import upgrade
@@ -49,6 +51,43 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@dataclass
+class ServedApi:
+    client: httpx.Client  # authorized with ``token``
+    sessions: Any  # a session factory on the API's database
+    token: str
+
+
+@contextmanager
+def served_api(tmp_path: Path, *, scope: str, **settings: Any) -> Iterator[ServedApi]:
+    """A migrated SQLite database under ``tmp_path`` holding one token of ``scope``, the API app on it
+    (``settings``: more :class:`~service.config.Settings` fields; nothing is enqueued) served by
+    :func:`serving`, and a client bearing the token."""
+    from service import auth
+    from service.api.main import create_app
+    from service.config import Settings
+    from service.db import make_engine, session_factory, transaction
+
+    database = f"sqlite:///{tmp_path / 'api.db'}"
+    upgrade(database)
+    engine = make_engine(database)
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        token = auth.create_token(session, scope=scope)
+    config = Settings(
+        database_url=database, storage_url=str(tmp_path / "storage"), redis_url="redis://127.0.0.1:9/0",
+        **settings,
+    )  # fmt: skip
+    try:
+        with (
+            serving(create_app(config, enqueue=lambda *_: None)) as base,
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client,
+        ):
+            yield ServedApi(client, sessions, token)
+    finally:
+        engine.dispose()
 
 
 def _pg_bin() -> Path | None:

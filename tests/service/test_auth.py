@@ -91,41 +91,21 @@ def test_a_revoked_token_is_refused_once_the_cache_time_has_passed(tmp_path, cac
     process (the CLI) is seen at once with the cache off, and after at most that long with it on."""
     import time
 
-    import httpx
+    from tests.service.conftest import served_api
 
-    from service.api.main import create_app
-    from service.config import Settings
-    from service.db import upgrade
-    from tests.service.conftest import serving
-
-    database = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(database)
-    engine = make_engine(database)
-    sessions = session_factory(engine)
-    with transaction(sessions) as session:
-        token = auth.create_token(session, scope="read")
-        token_id = auth.authenticate(session, token).id
-    settings = Settings(
-        database_url=database, storage_url=str(tmp_path / "storage"), redis_url="redis://127.0.0.1:9/0",
-        token_cache_seconds=cache_seconds,
-    )  # fmt: skip
-    try:
-        with (
-            serving(create_app(settings, enqueue=lambda *_: None)) as base,
-            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client,
-        ):
-            assert client.get("/v1/datasets").status_code == 200
-            with transaction(sessions) as session:
-                assert auth.revoke(session, token_id)
-            revoked_at = time.monotonic()
-            first = client.get("/v1/datasets").status_code
-            if cache_seconds == 0:
-                assert first == 401
-            else:
-                assert first == 200 or time.monotonic() - revoked_at >= cache_seconds  # still cached
-                while time.monotonic() - revoked_at < cache_seconds:
-                    time.sleep(0.05)
-            assert client.get("/v1/datasets").status_code == 401
-            assert client.get("/v1/jobs").status_code == 401
-    finally:
-        engine.dispose()
+    with served_api(tmp_path, scope="read", token_cache_seconds=cache_seconds) as api:
+        with transaction(api.sessions) as session:
+            token_id = auth.authenticate(session, api.token).id
+        assert api.client.get("/v1/datasets").status_code == 200
+        with transaction(api.sessions) as session:
+            assert auth.revoke(session, token_id)
+        revoked_at = time.monotonic()
+        first = api.client.get("/v1/datasets").status_code
+        if cache_seconds == 0:
+            assert first == 401
+        else:
+            assert first == 200 or time.monotonic() - revoked_at >= cache_seconds  # still cached
+            while time.monotonic() - revoked_at < cache_seconds:
+                time.sleep(0.05)
+        assert api.client.get("/v1/datasets").status_code == 401
+        assert api.client.get("/v1/jobs").status_code == 401

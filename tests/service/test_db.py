@@ -84,40 +84,22 @@ def test_a_change_outside_a_transaction_is_refused(sessions):
 
 def test_a_write_is_committed_before_the_api_answers(tmp_path):
     """A slow commit (0.5 s, injected) delays the answer: a client told 201 finds the row."""
-    import httpx
     from sqlalchemy import Engine, event
 
-    from service import auth
-    from service.api.main import create_app
-    from service.config import Settings
-    from tests.service.conftest import serving
-
-    database = f"sqlite:///{tmp_path / 'api.db'}"
-    upgrade(database)
-    engine = make_engine(database)
-    sessions = session_factory(engine)
-    with transaction(sessions) as session:
-        token = auth.create_token(session, scope="write")
-    settings = Settings(
-        database_url=database, storage_url=str(tmp_path / "storage"), redis_url="redis://127.0.0.1:9/0"
-    )
+    from tests.service.conftest import served_api
 
     def slow_commit(connection) -> None:
         time.sleep(0.5)
 
-    event.listen(Engine, "commit", slow_commit)
-    try:
-        with (
-            serving(create_app(settings, enqueue=lambda *_: None)) as base,
-            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as client,
-        ):
+    with served_api(tmp_path, scope="write") as api:
+        event.listen(Engine, "commit", slow_commit)
+        try:
             for name in ("a", "b", "c"):
-                created = client.post("/v1/datasets", json={"name": name, "kind": "unlabeled"})
+                created = api.client.post("/v1/datasets", json={"name": name, "kind": "unlabeled"})
                 assert created.status_code == 201, created.text
-                with reading(sessions) as session:
+                with reading(api.sessions) as session:
                     assert (
                         session.scalar(select(Dataset.name).where(Dataset.id == created.json()["id"])) == name
                     )
-    finally:
-        event.remove(Engine, "commit", slow_commit)
-        engine.dispose()
+        finally:
+            event.remove(Engine, "commit", slow_commit)
