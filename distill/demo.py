@@ -20,7 +20,7 @@ from distill.pipeline import PipelineConfig, run_pipeline
 logger = logging.getLogger(__name__)
 
 
-def _synth_is_current(data_dir: Path, preset: str, seed: int) -> bool:
+def benchmark_is_current(data_dir: Path, preset: str, seed: int) -> bool:
     """True when ``data_dir`` holds a complete benchmark of this preset and seed (json files come last)."""
     stamp = data_dir / "test.json"
     if not stamp.exists():
@@ -36,7 +36,7 @@ def ensure_benchmark(
     """``data_dir`` holding the embedded benchmark of ``preset`` and ``seed``: synthesized unless it is
     there already (``distill synth``'s layout: labeled / unlabeled / test json + images/)."""
     data_dir = Path(data_dir)
-    if not _synth_is_current(data_dir, preset, seed):
+    if not benchmark_is_current(data_dir, preset, seed):
         logger.info("synthesizing the %r benchmark (seed %d) into %s", preset, seed, data_dir)
         generate(data_dir, preset=preset, seed=seed, context=context)
     return data_dir
@@ -84,7 +84,7 @@ def run_demo(
     out = Path(out)
     data_dir = out / "data"
     started = time.perf_counter()
-    if (out / PIPELINE_FILE).exists() and not _synth_is_current(data_dir, preset, seed):
+    if (out / PIPELINE_FILE).exists() and not benchmark_is_current(data_dir, preset, seed):
         # regenerating the data under a finished teacher would mix two benchmarks in one run
         raise InputError(
             f"{out}: made from another version of the {preset!r} benchmark (seed {seed}) than this distill "
