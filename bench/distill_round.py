@@ -75,11 +75,6 @@ def round_settings(args: argparse.Namespace) -> dict:
     return spec
 
 
-def _identity(args: argparse.Namespace) -> dict:
-    """What makes two runs of a seed comparable (kept in results.json; a resumed seed must match it)."""
-    return {"preset": args.preset, **round_settings(args)}
-
-
 def _baseline(seed_dir: Path, seed: int, iterations: int, recipe: str, device: str) -> dict:
     data = seed_dir / "data"
     out = seed_dir / "baseline"
@@ -122,7 +117,8 @@ def main(args: argparse.Namespace) -> None:
     results: dict[int, dict] = (
         {int(k): v for k, v in json.loads(results_file.read_text()).items()} if results_file.exists() else {}
     )
-    identity, settings = _identity(args), round_settings(args)
+    settings = round_settings(args)
+    identity = {"preset": args.preset, **settings}  # kept per seed: a resumed seed must match it
     for seed in {*args.seeds, *args.variants_seeds} & set(results):
         if results[seed].get("settings", identity) != identity:
             raise SystemExit(
