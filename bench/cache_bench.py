@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> None:
     out = args.out
     data = out / "data"
     if not (data / "unlabeled.json").exists():
-        generate(data, preset="demo", seed=0)
+        generate(data, preset="medium", seed=0)
     teacher = out / "teacher"
     steps.train(
         TrainSpec(out=str(teacher), labeled=str(data / "labeled.json"), labeled_images=str(data / "images"),

@@ -14,8 +14,8 @@
 
 Measurements of the same kind run interleaved, ``--rounds`` times, each one's fastest round counting
 (``timing.interleaved``'s rule). The teacher is trained once (``synth`` recipe, ``--teacher-iterations``) on
-the ``demo`` benchmark and reused. Prints one line per measurement and a final JSON line; run it with
-nothing else on the machine.
+the ``medium`` benchmark (the demo's until 2026-12-04) and reused. Prints one line per measurement and a
+final JSON line; run it with nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def inputs(out: Path, images: int, teacher_iterations: int) -> tuple[Path, Path,
     """The demo benchmark under ``out``, its labeled split and ``images`` unlabeled ones as COCO files, and
     a teacher trained once (reused) with its upload archive: ``(data, labeled, unlabeled, teacher,
     archive)``."""
-    data = ensure_benchmark(out / "data", preset="demo", seed=0)
+    data = ensure_benchmark(out / "data", preset="medium", seed=0)
     labeled = _subset(data, "labeled", 10**9, out / "labeled.json")
     unlabeled = _subset(data, "unlabeled", images, out / "unlabeled.json")
     teacher = out / "teacher"

@@ -2,7 +2,7 @@
 benchmark's labeled split for each schedule length, scored on its test split (issue 17's first question).
 
     python bench/teacher_convergence.py [--data runs/bench-cache/data] [--out runs/bench-convergence] \
-        [--iterations 300 600 900 1800] [--seed 0] [--preset demo] [--recipe synth]
+        [--iterations 300 600 900 1800] [--seed 0] [--preset medium] [--recipe synth]
 
 Each length is its own run (the learning-rate schedule follows the length), so a line is what a teacher
 trained for that many iterations scores. Prints one JSON line per length: training seconds and AP per head.
@@ -29,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-convergence"))
     parser.add_argument("--iterations", type=int, nargs="+", default=[300, 600, 900, 1800])
     parser.add_argument("--recipe", default="synth")
-    parser.add_argument("--preset", default="demo", help="benchmark preset of --data")
+    parser.add_argument("--preset", default="medium", help="benchmark preset of --data")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -1,8 +1,8 @@
-"""Training iterations/s and inference images/s of the demo model (`synth` recipe) on this machine.
+"""Training iterations/s and inference images/s of the `synth` recipe's model (the demo's until 2026-12-04).
 
     python bench/train_infer_speed.py [--iterations 20] [--images 32] [--device cpu]
 
-Generates a small slice of the `demo` benchmark in a temp dir, times `--iterations` training steps (after 2
+Generates a small slice of the `medium` benchmark in a temp dir, times `--iterations` training steps (after 2
 warm-up steps) and plain batched inference over `--images` test images. Prints one JSON line at the end.
 """
 
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> dict:
     recipe = load_recipe("synth")
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        generate(data, preset="demo", seed=0, num_labeled=32, num_unlabeled=0, num_test=args.images)
+        generate(data, preset="medium", seed=0, num_labeled=32, num_unlabeled=0, num_test=args.images)
         dataset = load_coco(data / "labeled.json")
         config = config_from_coco_categories(dataset.categories, **recipe["model"])
         torch.manual_seed(0)

@@ -37,7 +37,7 @@ def _device(name: str) -> str:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output folder")],
-    preset: Annotated[str, typer.Option(help="tiny | demo | semi")] = "demo",
+    preset: Annotated[str, typer.Option(help="tiny | demo | semi | medium")] = "demo",
     seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
 ) -> None:
     """Generate the embedded benchmark: labeled / unlabeled (+ hidden truth) / test COCO splits."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -20,14 +21,25 @@ from distill.pipeline import PipelineConfig, run_pipeline
 logger = logging.getLogger(__name__)
 
 
+def _preset_params(preset: str) -> dict[str, Any]:
+    """The preset's fields as its benchmark's ``info.preset_params`` records them (json types)."""
+    return json.loads(json.dumps(dataclasses.asdict(resolve_preset(preset))))
+
+
 def benchmark_is_current(data_dir: Path, preset: str, seed: int) -> bool:
     """True when ``data_dir`` holds a complete benchmark of this preset and seed (json files come last)."""
     stamp = data_dir / "test.json"
     if not stamp.exists():
         return False
     info = load_coco(stamp).data.get("info", {})
-    expected = json.loads(json.dumps(dataclasses.asdict(resolve_preset(preset))))
-    return info.get("seed") == seed and info.get("preset_params") == expected
+    return info.get("seed") == seed and info.get("preset_params") == _preset_params(preset)
+
+
+def benchmark_tag(preset: str, seed: int) -> str:
+    """``<preset>-<8 hex of its fields>-s<seed>``: a name that changes whenever the preset's definition
+    does, so that datasets made from two versions of a benchmark never share a name."""
+    fields = json.dumps(_preset_params(preset), sort_keys=True).encode()
+    return f"{preset}-{hashlib.sha256(fields).hexdigest()[:8]}-s{seed}"
 
 
 def ensure_benchmark(

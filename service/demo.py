@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from distill.demo import DEMO_SETTINGS, ensure_benchmark
+from distill.demo import DEMO_SETTINGS, benchmark_tag, ensure_benchmark
 from distill.evaluate import format_table
 from distill.io import write_json_atomic
 from service.up import free_port
@@ -189,7 +189,8 @@ def run_service_demo(
     try:
         env["DISTILL_REMOTE_URL"] = service.start()
         lap("start")
-        names = {split: f"{preset}-s{seed}-{split}" for split, _ in SPLITS}
+        # the tag follows the preset's definition: an upgraded benchmark never joins an older one's datasets
+        names = {split: f"{benchmark_tag(preset, seed)}-{split}" for split, _ in SPLITS}
         for split, kind in SPLITS:
             argv = ["remote", "upload"]
             if kind == "unlabeled":  # its images only: the benchmark's labels of it stay unseen
@@ -232,6 +233,8 @@ def describe(summary: dict[str, Any]) -> str:
             format_table(last["metrics"]),
             f"{primary['metric']}: teacher {100 * primary['teacher']:.1f}, "
             f"student {100 * primary['student']:.1f} -> {'promoted' if last['promoted'] else 'not promoted'}",
+            "the student trains longer than the teacher: the control, a labeled-only model trained as long, "
+            "is bench/distill_round.py's baseline (bench/RESULTS.md)",
         ]
     calibration = last["calibration"]
     lines += [
@@ -247,7 +250,7 @@ def describe(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory")
-    parser.add_argument("--preset", default="demo", help="synthetic benchmark preset (tiny | demo | semi)")
+    parser.add_argument("--preset", default="demo", help="benchmark preset: tiny | demo | semi | medium")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=None, help="the teacher's training iterations")
     args = parser.parse_args(argv)

@@ -260,6 +260,21 @@ def test_a_run_directory_refuses_data_or_recipes_changed_under_the_same_names(
     assert sorted(p.name for p in out.iterdir()) == ["inputs.json", "pipeline.yaml"]  # nothing else made
 
 
+def test_benchmark_tags_change_with_the_preset_definition(monkeypatch) -> None:
+    """``make demo`` names its datasets by this tag: an upgraded preset must not reuse an older one's."""
+    import dataclasses
+
+    from distill.data import synthetic
+    from distill.demo import benchmark_tag
+
+    tag = benchmark_tag("tiny", 0)
+    assert tag.startswith("tiny-") and tag.endswith("-s0") and tag == benchmark_tag("tiny", 0)
+    assert benchmark_tag("tiny", 1) != tag and benchmark_tag("demo", 0) != tag
+    changed = dataclasses.replace(synthetic.PRESETS["tiny"], num_unlabeled=25)
+    monkeypatch.setitem(synthetic.PRESETS, "tiny", changed)
+    assert benchmark_tag("tiny", 0) != tag
+
+
 def test_the_demo_refuses_a_run_directory_of_another_benchmark_before_touching_it(tmp_path: Path) -> None:
     from distill.data.synthetic import generate
     from distill.demo import run_demo

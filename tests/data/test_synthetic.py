@@ -243,6 +243,16 @@ def test_progress_callback_and_overrides(tmp_path: Path) -> None:
     assert result.preset.num_labeled == 2 and PRESETS["tiny"].num_labeled == 12
 
 
+def test_the_demo_benchmark_is_the_first_images_of_semi() -> None:
+    """``make demo``'s benchmark is ``semi`` with fewer unlabeled images: the same images, so the bench's
+    ``semi`` results describe the demo's data."""
+    demo, semi = PRESETS["demo"], PRESETS["semi"]
+    assert demo.num_unlabeled < semi.num_unlabeled and demo.num_labeled == semi.num_labeled
+    for split, index in (("labeled", 0), ("unlabeled", 7), ("test", 3)):
+        (image_a, anns_a), (image_b, anns_b) = (render_image(p, 2, split, index) for p in ("demo", "semi"))
+        assert np.array_equal(np.asarray(image_a), np.asarray(image_b)) and anns_a == anns_b
+
+
 def test_png_round_trip_is_lossless() -> None:
     image, _ = render_image("tiny", 0, "labeled", 1)
     buf = io.BytesIO(synthetic._png_bytes(image))
@@ -250,7 +260,7 @@ def test_png_round_trip_is_lossless() -> None:
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="known presets: demo, semi, tiny"):
+    with pytest.raises(ValueError, match="known presets: demo, medium, semi, tiny"):
         resolve_preset("huge")
     with pytest.raises(ValueError, match="unknown SynthPreset field"):
         generate(tmp_path, preset="tiny", num_images=3)
