@@ -21,10 +21,13 @@ calibration). Prints one table per metric and a final JSON line; everything land
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -111,12 +114,35 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _read_results(results_file: Path) -> dict[int, dict]:
+    if not results_file.exists():
+        return {}
+    return {int(k): v for k, v in json.loads(results_file.read_text()).items()}
+
+
+@contextlib.contextmanager
+def _results_lock(results_file: Path) -> Iterator[None]:
+    """Held while ``results.json`` is read, changed and written: runs of other seeds may share ``--out``."""
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_file.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _save(results_file: Path, seed: int, entry: dict) -> dict[int, dict]:
+    """Store ``seed``'s entry, keeping what other runs stored meanwhile; returns every seed's."""
+    with _results_lock(results_file):
+        results = _read_results(results_file)
+        results[seed] = entry
+        write_json_atomic(results_file, results, indent=2)
+    return results
+
+
 def main(args: argparse.Namespace) -> None:
     results_file = args.out / "results.json"
-    # earlier runs' seeds (and variants) are kept: a bench can be resumed or extended seed by seed
-    results: dict[int, dict] = (
-        {int(k): v for k, v in json.loads(results_file.read_text()).items()} if results_file.exists() else {}
-    )
+    # earlier runs' seeds (and variants) are kept: a bench can be resumed or extended seed by seed, also by
+    # several processes at once (one per seed) on the same --out
+    results = _read_results(results_file)
     settings = round_settings(args)
     identity = {"preset": args.preset, **settings}  # kept per seed: a resumed seed must match it
     for seed in {*args.seeds, *args.variants_seeds} & set(results):
@@ -139,21 +165,21 @@ def main(args: argparse.Namespace) -> None:
         previous = results.get(seed, {})
         # a resumed seed's summary times only what ran now: keep the first complete run's minutes
         minutes = previous.get("minutes") or summary["minutes"]
-        results[seed] = {
+        entry = {
             "metrics": {**previous.get("metrics", {}), **metrics},
             "minutes": minutes,
             "settings": identity,
         }
-        write_json_atomic(results_file, results, indent=2)
+        results = _save(results_file, seed, entry)
         print(f"seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     for seed in args.variants_seeds:  # after every seed's main comparison
         seed_dir = args.out / f"seed{seed}"
-        metrics = results[seed]["metrics"]
+        entry = results[seed]
         for name in args.variants:
-            metrics[f"student_{name}"] = _variant(
+            entry["metrics"][f"student_{name}"] = _variant(
                 seed_dir, name, seed, settings, args.device, **VARIANTS[name]
             )
-            write_json_atomic(results_file, results, indent=2)
+            results = _save(results_file, seed, entry)
 
     for metric in METRICS:
         print(f"\n{metric} (points)")
