@@ -5,7 +5,9 @@
 
 Per image and category, pseudo-instances are matched greedily by descending score to unmatched true instances
 with box IoU >= --iou (pycocotools' IoU, crowd regions count as ordinary instances). Prints counts, precision,
-recall, and the same per category, then a JSON line.
+recall, the same per category and class-agnostic (``any class``: a box that finds an object of another class
+counts), then a JSON line. ``all`` well below ``any class`` means the teacher finds the objects but confuses
+their classes; both low, that it misses objects or boxes clutter.
 """
 
 from __future__ import annotations
@@ -69,7 +71,13 @@ def main(args: argparse.Namespace) -> dict:
         totals += (hits, n_pseudo, n_truth)
         report["per_category"][name] = _scores(hits, n_pseudo, n_truth)
     report["all"] = _scores(*totals.tolist())
-    for name, r in [("all", report["all"]), *report["per_category"].items()]:
+    images = {k[0] for k in (*gt, *pr)}
+    gt_any = {i: [b for (j, _), boxes in gt.items() if j == i for b in boxes] for i in images}
+    pr_any = {i: [p for (j, _), boxes in pr.items() if j == i for p in boxes] for i in images}
+    hits = sum(match(gt_any[i], pr_any[i], args.iou) for i in images)
+    report["class_agnostic"] = _scores(hits, int(totals[1]), int(totals[2]))
+    shown = [("all", report["all"]), ("any class", report["class_agnostic"]), *report["per_category"].items()]
+    for name, r in shown:
         print(
             f"{name:>10}: {r['pseudo']:>6} pseudo / {r['truth']:>6} true, precision {r['precision']:.3f}, "
             f"recall {r['recall']:.3f}"
