@@ -54,12 +54,17 @@ def main(args: argparse.Namespace) -> dict:
     truth = load_coco(args.truth)
     pseudo = load_coco(args.pseudo)
     offset = pseudo.data.get("info", {}).get("image_id_offset", 0)
-    gt: dict[tuple[int, int], list] = defaultdict(list)
+    gt: dict[tuple[int, int], list] = defaultdict(list)  # (image, category) -> boxes
     pr: dict[tuple[int, int], list] = defaultdict(list)
+    gt_any: dict[int, list] = defaultdict(list)  # image -> boxes of every category
+    pr_any: dict[int, list] = defaultdict(list)
     for a in truth.annotations:
         gt[(a["image_id"], a["category_id"])].append(a["bbox"])
+        gt_any[a["image_id"]].append(a["bbox"])
     for a in pseudo.annotations:
-        pr[(a["image_id"] - offset, a["category_id"])].append((a.get("score", 1.0), a["bbox"]))
+        entry = (a.get("score", 1.0), a["bbox"])
+        pr[(a["image_id"] - offset, a["category_id"])].append(entry)
+        pr_any[a["image_id"] - offset].append(entry)
     report: dict = {"iou": args.iou, "per_category": {}}
     names = {c["id"]: c["name"] for c in truth.categories}
     totals = np.zeros(3, dtype=np.int64)  # hits, pseudo, truth
@@ -71,10 +76,7 @@ def main(args: argparse.Namespace) -> dict:
         totals += (hits, n_pseudo, n_truth)
         report["per_category"][name] = _scores(hits, n_pseudo, n_truth)
     report["all"] = _scores(*totals.tolist())
-    images = {k[0] for k in (*gt, *pr)}
-    gt_any = {i: [b for (j, _), boxes in gt.items() if j == i for b in boxes] for i in images}
-    pr_any = {i: [p for (j, _), boxes in pr.items() if j == i for p in boxes] for i in images}
-    hits = sum(match(gt_any[i], pr_any[i], args.iou) for i in images)
+    hits = sum(match(gt_any.get(i, []), pr_any.get(i, []), args.iou) for i in {*gt_any, *pr_any})
     report["class_agnostic"] = _scores(hits, int(totals[1]), int(totals[2]))
     shown = [("all", report["all"]), ("any class", report["class_agnostic"]), *report["per_category"].items()]
     for name, r in shown:
