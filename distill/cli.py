@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from distill.data.presets import PRESETS
 from distill.errors import Cancelled, InputError, TrainingError
 
 app = typer.Typer(
@@ -37,7 +38,7 @@ def _device(name: str) -> str:
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output folder")],
-    preset: Annotated[str, typer.Option(help="tiny | demo | semi | medium")] = "demo",
+    preset: Annotated[str, typer.Option(help=" | ".join(PRESETS))] = "demo",
     seed: Annotated[int, typer.Option(help="same seed, same bytes")] = 0,
 ) -> None:
     """Generate the embedded benchmark: labeled / unlabeled (+ hidden truth) / test COCO splits."""

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from distill.data.presets import PRESETS
 from distill.demo import DEMO_SETTINGS, benchmark_tag, ensure_benchmark
 from distill.evaluate import format_table
 from distill.io import write_json_atomic
@@ -250,7 +251,7 @@ def describe(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory")
-    parser.add_argument("--preset", default="demo", help="benchmark preset: tiny | demo | semi | medium")
+    parser.add_argument("--preset", default="demo", choices=list(PRESETS), help="benchmark preset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=None, help="the teacher's training iterations")
     args = parser.parse_args(argv)

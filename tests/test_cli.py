@@ -32,6 +32,16 @@ def test_help_on_every_command() -> None:
         assert "Usage:" in run(command, "--help").stdout
 
 
+def test_synth_help_lists_every_preset_without_importing_the_generator() -> None:
+    from distill.data.presets import PRESETS
+
+    shown = run("synth", "--help").stdout
+    assert all(name in shown for name in PRESETS) and "medium" in PRESETS
+    code = "import sys, distill.cli; print(sorted(m for m in ('numpy', 'torch', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_bad_input_exits_2_with_one_line_reason(tmp_path: Path) -> None:
     proc = run("evaluate", "--truth", str(tmp_path / "missing.json"), "--predictions", "x.json", check=False)
     assert proc.returncode == 2
