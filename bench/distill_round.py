@@ -1,16 +1,19 @@
 """Does distillation help? Teacher vs student vs an equal-schedule labeled-only baseline, over seeds.
 
     python bench/distill_round.py --out runs/exp --seeds 0 1 2 [--variants-seeds 0 1 2] \
-        [--preset demo] [--recipe synth] [--teacher-iterations N] [--schedule-factor F]
+        [--preset demo] [--recipe synth] [--teacher-iterations N] [--schedule-factor F] [--fusion wbf]
 
 Per seed ``s`` (the ``--preset`` benchmark generated with seed ``s``, everything else seeded with ``s`` too;
 the round is the demo's, ``DEMO_SETTINGS``, with the recipe and schedule options applied):
 
 * ``teacher``: trained on the labeled split (the demo's schedule);
-* ``student``: the demo round, i.e. multi-view pseudo-labels of the unlabeled split, globally calibrated,
-  student re-initialised and trained on labeled : pseudo = 6 : 4 for 1.5x the teacher's iterations;
+* ``student``: the demo round, i.e. multi-view pseudo-labels of the unlabeled split (boxes fused by
+  ``--fusion``, default the demo's NMS), globally calibrated, student re-initialised and trained on
+  labeled : pseudo = 6 : 4 for 1.5x the teacher's iterations;
 * ``baseline``: labeled only, *the student's* schedule: the control that separates the gain of the
-  pseudo-labels from the gain of training longer.
+  pseudo-labels from the gain of training longer. With ``--schedule-factor 1`` that model is the teacher
+  itself (same data, recipe, init, seed and iterations), so the teacher's metrics are reused;
+  ``--no-baseline`` skips it (when an earlier run of the same settings made it: it would be the same model).
 
 With ``--variants-seeds`` (per listed seed, that seed's teacher): students from other pseudo-labels of the
 same teacher, the ``--variants`` of ``VARIANTS`` (default: single-view pseudo-labels, per-class
@@ -43,8 +46,10 @@ METRICS = ("bbox/AP", "segm/AP", "keypoints/AP", "bbox/AP50", "keypoints/AP50")
 VARIANTS: dict[str, dict[str, dict]] = {
     "single_view": {"inference": {"views": "none"}},
     "per_class": {"calibration": {"per_class": True}},
-    "wbf": {"inference": {"fusion": "wbf"}},  # weighted boxes fusion instead of NMS
+    "wbf": {"inference": {"fusion": "wbf"}},  # weighted boxes fusion
+    "nms": {"inference": {"fusion": "nms"}},  # the paper's union + NMS
 }
+FUSIONS = ("nms", "vote", "soft-nms", "wbf")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +72,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=DEMO_SETTINGS["student"]["schedule_factor"],
         help="student (and baseline) iterations = this x the teacher's",
     )
+    parser.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        default=DEMO_SETTINGS["inference"]["fusion"],
+        help="box fusion of the student's multi-view pseudo-labels",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the baseline (when an earlier run of the same settings made that model: single-threaded "
+        "CPU training is deterministic, so it would be the same model again)",
+    )
     return parser
 
 
@@ -75,6 +93,7 @@ def round_settings(args: argparse.Namespace) -> dict:
     spec = json.loads(json.dumps(DEMO_SETTINGS))
     spec["teacher"].update(recipe=args.recipe, iterations=args.teacher_iterations)
     spec["student"]["schedule_factor"] = args.schedule_factor
+    spec["inference"]["fusion"] = args.fusion
     return spec
 
 
@@ -95,6 +114,18 @@ def _baseline(seed_dir: Path, seed: int, iterations: int, recipe: str, device: s
     metrics = evaluate_model(out, data / "test.json", data / "images", device=device)
     write_json_atomic(metrics_file, metrics, indent=2)
     return metrics
+
+
+def _baseline_is_teacher(settings: dict, student_iterations: int) -> bool:
+    """Whether the equal-schedule baseline would be the teacher again: labeled only, same recipe, init, seed
+    and iterations (``--schedule-factor 1``), so it is not trained twice."""
+    teacher, student = settings["teacher"], settings["student"]
+    return (
+        teacher.get("model") is None
+        and student_iterations == teacher["iterations"]
+        and student.get("recipe") in (None, teacher["recipe"])
+        and student.get("init", "scratch") == teacher.get("init", "scratch")
+    )
 
 
 def _variant(seed_dir: Path, name: str, seed: int, settings: dict, device: str, **changes) -> dict:
@@ -156,12 +187,12 @@ def main(args: argparse.Namespace) -> None:
         seed_dir = args.out / f"seed{seed}"
         summary = run_demo(seed_dir, preset=args.preset, seed=seed, device=args.device, settings=settings)
         round_1 = summary["rounds"][0]
-        baseline = _baseline(seed_dir, seed, round_1["student_iterations"], args.recipe, args.device)
-        metrics = {
-            "teacher": round_1["metrics"]["teacher"],
-            "student": round_1["metrics"]["student"],
-            "baseline": baseline,
-        }
+        metrics = {"teacher": round_1["metrics"]["teacher"], "student": round_1["metrics"]["student"]}
+        if _baseline_is_teacher(settings, round_1["student_iterations"]):
+            metrics["baseline"] = round_1["metrics"]["teacher"]
+        elif args.baseline:
+            iterations = round_1["student_iterations"]
+            metrics["baseline"] = _baseline(seed_dir, seed, iterations, args.recipe, args.device)
         previous = results.get(seed, {})
         # a resumed seed's summary times only what ran now: keep the first complete run's minutes
         minutes = previous.get("minutes") or summary["minutes"]
@@ -198,6 +229,7 @@ def main(args: argparse.Namespace) -> None:
                     - primary_metric(r["metrics"][ref], metric)
                 )
                 for r in results.values()
+                if ref in r["metrics"]
             ]
             print(f"student - {ref}: {_fmt(gains)} (mean ± sd over {len(gains)} seeds)")
     print(json.dumps({"seeds": list(results), "minutes": (time.perf_counter() - started) / 60}))
