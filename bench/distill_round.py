@@ -30,6 +30,7 @@ import json
 import logging
 import statistics
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,7 @@ import torch
 from distill.demo import DEMO_SETTINGS, run_demo, synthetic_data_spec
 from distill.io import write_json_atomic
 from distill.pipeline import PipelineConfig, primary_metric, run_pipeline
+from distill.specs import InferenceSpec
 from distill.steps import evaluate_model
 from distill.train.torchvision import train_model
 
@@ -49,7 +51,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "wbf": {"inference": {"fusion": "wbf"}},  # weighted boxes fusion
     "nms": {"inference": {"fusion": "nms"}},  # the paper's union + NMS
 }
-FUSIONS = ("nms", "vote", "soft-nms", "wbf")
+FUSIONS = typing.get_args(InferenceSpec.model_fields["fusion"].annotation)  # the pipeline's choices
 
 
 def get_args_parser() -> argparse.ArgumentParser:
