@@ -17,8 +17,9 @@ the round is the demo's, ``DEMO_SETTINGS``, with the recipe and schedule options
 
 With ``--variants-seeds`` (per listed seed, that seed's teacher): students from other pseudo-labels of the
 same teacher, the ``--variants`` of ``VARIANTS`` (default: single-view pseudo-labels, per-class
-calibration). Prints one table per metric and a final JSON line; everything lands under
-``--out``; seeds already in ``--out/results.json`` are kept, so a bench can be extended seed by seed.
+calibration). Once a seed's teacher is trained, its variants can also run in a process of their own beside its
+student (``--seeds --variants-seeds 2``). Prints one table per metric and a final JSON line; everything lands
+under ``--out``; seeds already in ``--out/results.json`` are kept, so a bench can be extended seed by seed.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("runs/exp"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--variants-seeds", type=int, nargs="*", default=[])
     parser.add_argument(
         "--variants", nargs="+", choices=sorted(VARIANTS), default=["single_view", "per_class"]
@@ -163,10 +164,13 @@ def _results_lock(results_file: Path) -> Iterator[None]:
 
 
 def _save(results_file: Path, seed: int, entry: dict) -> dict[int, dict]:
-    """Store ``seed``'s entry, keeping what other runs stored meanwhile; returns every seed's."""
+    """Merge ``entry`` into ``seed``'s, model by model, keeping what other runs stored meanwhile (a variant's
+    process may finish beside its seed's student); returns every seed's."""
     with _results_lock(results_file):
         results = _read_results(results_file)
-        results[seed] = entry
+        stored = results.get(seed, {})
+        metrics = {**stored.get("metrics", {}), **entry.get("metrics", {})}
+        results[seed] = {**stored, **entry, "metrics": metrics}
         write_json_atomic(results_file, results, indent=2)
     return results
 
@@ -198,21 +202,20 @@ def main(args: argparse.Namespace) -> None:
         previous = results.get(seed, {})
         # a resumed seed's summary times only what ran now: keep the first complete run's minutes
         minutes = previous.get("minutes") or summary["minutes"]
-        entry = {
-            "metrics": {**previous.get("metrics", {}), **metrics},
-            "minutes": minutes,
-            "settings": identity,
-        }
-        results = _save(results_file, seed, entry)
+        results = _save(results_file, seed, {"metrics": metrics, "minutes": minutes, "settings": identity})
         print(f"seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    for seed in args.variants_seeds:  # after every seed's main comparison
+    for seed in args.variants_seeds:  # after every seed's main comparison, or in a process of their own
         seed_dir = args.out / f"seed{seed}"
-        entry = results[seed]
-        for name in args.variants:
-            entry["metrics"][f"student_{name}"] = _variant(
-                seed_dir, name, seed, settings, args.device, **VARIANTS[name]
+        if not (seed_dir / "round_1" / "teacher" / "meta.json").exists():
+            raise SystemExit(
+                f"{seed_dir}: seed {seed} has no trained teacher yet; run --seeds {seed} first (once its "
+                "teacher is trained, its variants can run in another process beside its student)"
             )
-            results = _save(results_file, seed, entry)
+        for name in args.variants:
+            metrics = {
+                f"student_{name}": _variant(seed_dir, name, seed, settings, args.device, **VARIANTS[name])
+            }
+            results = _save(results_file, seed, {"metrics": metrics, "settings": identity})
 
     for metric in METRICS:
         print(f"\n{metric} (points)")
