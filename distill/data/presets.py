@@ -103,9 +103,9 @@ _MEDIUM = SynthPreset(
     max_noise_sigma=3.0,
 )
 # Those images at 160-200 px with a small labeled fraction (40 of 1040, ~4 %), as semi-supervised detection
-# is usually measured. With the ``synth-small`` recipe the labeled-only model is at or near its plateau at
-# ~2700 iterations; from a teacher there, pseudo-labels pay on keypoints on every seed and on boxes on
-# average (issue 17; bench/RESULTS.md).
+# is usually measured. With the ``synth-small`` recipe the labeled-only model reaches its plateau at 2700-4050
+# iterations depending on the seed; from a teacher there, WBF-fused pseudo-labels beat the labeled-only model
+# trained as long on every seed and head (issue 17; bench/RESULTS.md).
 _SEMI = dataclasses.replace(
     _MEDIUM,
     name="semi",
