@@ -51,6 +51,8 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "per_class": {"calibration": {"per_class": True}},
     "wbf": {"inference": {"fusion": "wbf"}},  # weighted boxes fusion
     "nms": {"inference": {"fusion": "nms"}},  # the paper's union + NMS
+    # the scales inside synth-small's training sizes (shorter side 128-192 around its test size 160)
+    "in_range_views": {"inference": {"views": "0.8x,1x,1.2x:flip"}},
 }
 FUSIONS = typing.get_args(InferenceSpec.model_fields["fusion"].annotation)  # the pipeline's choices
 
