@@ -39,6 +39,7 @@ import torch
 
 from distill.demo import DEMO_SETTINGS, run_demo, synthetic_data_spec
 from distill.io import write_json_atomic
+from distill.models.files import is_complete
 from distill.pipeline import PipelineConfig, primary_metric, run_pipeline
 from distill.specs import InferenceSpec
 from distill.steps import evaluate_model
@@ -133,10 +134,15 @@ def _baseline_is_teacher(settings: dict, student_iterations: int) -> bool:
     )
 
 
+def _teacher_dir(seed_dir: Path) -> Path:
+    """The teacher the seed's round trained (its variants' teacher too)."""
+    return seed_dir / "round_1" / "teacher"
+
+
 def _variant(seed_dir: Path, name: str, seed: int, settings: dict, device: str, **changes) -> dict:
     data = seed_dir / "data"
     spec = json.loads(json.dumps(settings))
-    spec["teacher"]["model"] = str(seed_dir / "round_1" / "teacher")
+    spec["teacher"]["model"] = str(_teacher_dir(seed_dir))
     for section, values in changes.items():
         spec.setdefault(section, {}).update(values)
     config = PipelineConfig.model_validate({"data": synthetic_data_spec(data), "seed": seed, **spec})
@@ -208,7 +214,7 @@ def main(args: argparse.Namespace) -> None:
         print(f"seed {seed} done after {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     for seed in args.variants_seeds:  # after every seed's main comparison, or in a process of their own
         seed_dir = args.out / f"seed{seed}"
-        if not (seed_dir / "round_1" / "teacher" / "meta.json").exists():
+        if not is_complete(_teacher_dir(seed_dir)):
             raise SystemExit(
                 f"{seed_dir}: seed {seed} has no trained teacher yet; run --seeds {seed} first (once its "
                 "teacher is trained, its variants can run in another process beside its student)"
