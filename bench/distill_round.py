@@ -60,6 +60,14 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "reseeded": {"seed": STUDENT_RESEED},
     "single_view_reseeded": {"inference": {"views": "none"}, "seed": STUDENT_RESEED},
 }
+# (model, reference) pairs whose per-seed differences are summarised, where a seed has both
+COMPARISONS = (
+    ("student", "teacher"),
+    ("student", "baseline"),
+    ("student", "student_single_view"),  # multi- vs single-view pseudo-labels
+    ("student_reseeded", "student_single_view_reseeded"),  # the same, second student seed
+    ("student_reseeded", "student"),  # one student's run-to-run spread
+)
 FUSIONS = typing.get_args(InferenceSpec.model_fields["fusion"].annotation)  # the pipeline's choices
 
 
@@ -236,23 +244,21 @@ def main(args: argparse.Namespace) -> None:
     for metric in METRICS:
         print(f"\n{metric} (points)")
         names = sorted({n for r in results.values() for n in r["metrics"]})
-        print(f"{'seed':<6}" + "".join(f"{n:>22}" for n in names))
+        width = max(len(n) for n in names) + 2
+        print(f"{'seed':<6}" + "".join(f"{n:>{width}}" for n in names))
         for seed, r in results.items():
             row = [
                 100 * primary_metric(r["metrics"][n], metric) if n in r["metrics"] else None for n in names
             ]
-            print(f"{seed:<6}" + "".join(f"{'-' if v is None else f'{v:.2f}':>22}" for v in row))
-        for ref in ("teacher", "baseline"):
+            print(f"{seed:<6}" + "".join(f"{'-' if v is None else f'{v:.2f}':>{width}}" for v in row))
+        for model, ref in COMPARISONS:
             gains = [
-                100
-                * (
-                    primary_metric(r["metrics"]["student"], metric)
-                    - primary_metric(r["metrics"][ref], metric)
-                )
-                for r in results.values()
-                if ref in r["metrics"]
+                100 * (primary_metric(m[model], metric) - primary_metric(m[ref], metric))
+                for m in (r["metrics"] for r in results.values())
+                if model in m and ref in m
             ]
-            print(f"student - {ref}: {_fmt(gains)} (mean ± sd over {len(gains)} seeds)")
+            if gains:
+                print(f"{model} - {ref}: {_fmt(gains)} (mean ± sd over {len(gains)} seeds)")
     print(json.dumps({"seeds": list(results), "minutes": (time.perf_counter() - started) / 60}))
 
 
