@@ -17,9 +17,11 @@ the round is the demo's, ``DEMO_SETTINGS``, with the recipe and schedule options
 
 With ``--variants-seeds`` (per listed seed, that seed's teacher): students from other pseudo-labels of the
 same teacher, the ``--variants`` of ``VARIANTS`` (default: single-view pseudo-labels, per-class
-calibration). Once a seed's teacher is trained, its variants can also run in a process of their own beside its
-student (``--seeds --variants-seeds 2``). Prints one table per metric and a final JSON line; everything lands
-under ``--out``; seeds already in ``--out/results.json`` are kept, so a bench can be extended seed by seed.
+calibration; ``reseeded`` / ``single_view_reseeded``: the same pseudo-labels, another student seed). Once a
+seed's teacher is trained, its variants can also run in a process of their own beside its student
+(``--seeds --variants-seeds 2``). Prints one table per metric, each pair of ``COMPARISONS`` the seeds have
+(mean ± sd over seeds) and a final JSON line; everything lands under ``--out``; seeds already in
+``--out/results.json`` are kept, so a bench can be extended seed by seed.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from distill.train.torchvision import train_model
 METRICS = ("bbox/AP", "segm/AP", "keypoints/AP", "bbox/AP50", "keypoints/AP50")
 STUDENT_RESEED = 100
 # name -> the pipeline sections (dict: updated) or top-level fields (seed: replaced) it changes
-VARIANTS: dict[str, dict[str, dict]] = {
+VARIANTS: dict[str, dict[str, dict | int]] = {
     "single_view": {"inference": {"views": "none"}},
     "per_class": {"calibration": {"per_class": True}},
     "wbf": {"inference": {"fusion": "wbf"}},  # weighted boxes fusion
@@ -244,7 +246,7 @@ def main(args: argparse.Namespace) -> None:
     for metric in METRICS:
         print(f"\n{metric} (points)")
         names = sorted({n for r in results.values() for n in r["metrics"]})
-        width = max(len(n) for n in names) + 2
+        width = max([20, *map(len, names)]) + 2
         print(f"{'seed':<6}" + "".join(f"{n:>{width}}" for n in names))
         for seed, r in results.items():
             row = [
